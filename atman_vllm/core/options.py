@@ -1,0 +1,145 @@
+"""Explanation options (ATMAN_SPEC §6) and their validation.
+
+Every public entry point (Python API, CLI, gRPC, HTTP) builds an
+``ExplainOptions`` and calls ``validate()``; the error names the field so the
+service can turn it into INVALID_ARGUMENT / HTTP 400 as it is.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from enum import Enum
+
+
+class InvalidRequestError(ValueError):
+    """Bad input from a caller. ``field`` names the offending option."""
+
+    def __init__(self, field: str, message: str):
+        super().__init__(f"{field}: {message}")
+        self.field = field
+        self.message = message
+
+
+class Mode(str, Enum):
+    LOG_ADDITIVE = "log-additive"
+    MULTIPLICATIVE = "multiplicative"
+
+
+class Granularity(str, Enum):
+    TOKEN = "token"
+    WORD = "word"
+    SENTENCE = "sentence"
+    PARAGRAPH = "paragraph"
+    CUSTOM = "custom"
+    AUTO = "auto"
+    SPANS = "spans"  # explicit character spans given by the caller
+
+
+class TargetGranularity(str, Enum):
+    COMPLETE = "complete"
+    TOKEN = "token"
+
+
+class Postprocessing(str, Enum):
+    NONE = "none"
+    ABSOLUTE = "absolute"
+    SQUARE = "square"
+
+
+def _enum(cls, value, name: str):
+    if isinstance(value, cls):
+        return value
+    try:
+        return cls(value)
+    except ValueError:
+        allowed = ", ".join(m.value for m in cls)
+        raise InvalidRequestError(name, f"unknown value {value!r}; expected one of {allowed}") from None
+
+
+def check_factor(value, name: str = "factor") -> float:
+    """A suppression/amplification factor: finite and > 0."""
+    try:
+        f = float(value)
+    except (TypeError, ValueError):
+        raise InvalidRequestError(name, f"must be a number, got {value!r}") from None
+    if not math.isfinite(f) or f <= 0:
+        raise InvalidRequestError(name, f"must be finite and > 0, got {value!r}")
+    return f
+
+
+@dataclass(frozen=True)
+class ExplainOptions:
+    factor: float = 0.1
+    mode: Mode = Mode.LOG_ADDITIVE
+    kappa: float | None = None
+    granularity: Granularity = Granularity.AUTO
+    delimiter: str | None = None  # for granularity=custom
+    spans: tuple[tuple[int, int], ...] | None = None  # (start, length) for granularity=spans
+    target_granularity: TargetGranularity = TargetGranularity.COMPLETE
+    postprocessing: Postprocessing = Postprocessing.NONE
+    normalize: bool = False
+
+    def validated(self) -> "ExplainOptions":
+        """Return a copy with enums coerced; raise InvalidRequestError naming the field."""
+        factor = check_factor(self.factor)
+        mode = _enum(Mode, self.mode, "mode")
+        granularity = _enum(Granularity, self.granularity, "granularity")
+        target_granularity = _enum(TargetGranularity, self.target_granularity, "target_granularity")
+        post = _enum(Postprocessing, self.postprocessing, "postprocessing")
+        kappa = self.kappa
+        if kappa is not None:
+            try:
+                kappa = float(kappa)
+            except (TypeError, ValueError):
+                raise InvalidRequestError("kappa", f"must be a number in [0, 1], got {kappa!r}") from None
+            if not (0.0 <= kappa <= 1.0):  # also rejects NaN
+                raise InvalidRequestError("kappa", f"must be in [0, 1], got {self.kappa!r}")
+        spans = self.spans
+        if spans is not None and granularity is Granularity.AUTO:
+            granularity = Granularity.SPANS
+        if granularity is Granularity.SPANS:
+            if not spans:
+                raise InvalidRequestError("spans", "granularity 'spans' needs at least one (start, length) span")
+            spans = tuple((int(s), int(n)) for s, n in spans)
+        elif spans is not None:
+            raise InvalidRequestError("spans", f"spans are only allowed with granularity 'spans', not {granularity.value!r}")
+        delimiter = self.delimiter
+        if granularity is Granularity.CUSTOM:
+            if not delimiter:
+                raise InvalidRequestError("delimiter", "granularity 'custom' needs a non-empty delimiter")
+        if not isinstance(self.normalize, bool):
+            raise InvalidRequestError("normalize", f"must be true or false, got {self.normalize!r}")
+        return ExplainOptions(
+            factor=factor, mode=mode, kappa=kappa, granularity=granularity, delimiter=delimiter,
+            spans=spans, target_granularity=target_granularity, postprocessing=post,
+            normalize=self.normalize,
+        )
+
+    def to_dict(self) -> dict:
+        """The ``options`` object of the JSON contract."""
+        d = {
+            "factor": self.factor,
+            "mode": Mode(self.mode).value,
+            "kappa": self.kappa,
+            "granularity": Granularity(self.granularity).value,
+            "target_granularity": TargetGranularity(self.target_granularity).value,
+            "postprocessing": Postprocessing(self.postprocessing).value,
+            "normalize": self.normalize,
+        }
+        if self.delimiter is not None:
+            d["delimiter"] = self.delimiter
+        if self.spans is not None:
+            d["spans"] = [list(s) for s in self.spans]
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ExplainOptions":
+        known = set(cls.__dataclass_fields__)
+        unknown = set(d) - known
+        if unknown:
+            raise InvalidRequestError(sorted(unknown)[0], "unknown option")
+        kw = dict(d)
+        if kw.get("spans") is not None:
+            kw["spans"] = tuple(tuple(s) for s in kw["spans"])
+        return cls(**kw).validated()
