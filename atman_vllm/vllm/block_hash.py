@@ -1,0 +1,55 @@
+"""Prefix-cache keys for perturbed and scoring requests (scheduler side).
+
+vLLM chains block hashes and lets extra keys (LoRA, multimodal, cache salt)
+enter through ``generate_block_hash_extra_keys``. AtMan adds its own there
+(``AtmanRequestInfo.block_hash_keys``): a fork shares exactly the blocks
+before its first perturbed position, and target-scoring blocks are never
+shared. The function is imported by name into several vLLM modules, so each
+binding is replaced.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+from .wire import AtmanRequestInfo
+
+# Modules that bind generate_block_hash_extra_keys at import (vLLM 0.32.0).
+_BINDING_MODULES = (
+    "vllm.v1.core.kv_cache_utils",
+    "vllm.v1.core.block_pool",
+    "vllm.v1.simple_kv_offload.manager",
+)
+_INFO_ATTR = "_atman_info"
+_MISSING = object()
+
+
+def _request_info(request) -> AtmanRequestInfo | None:
+    cached = request.__dict__.get(_INFO_ATTR, _MISSING)
+    if cached is _MISSING:
+        params = request.sampling_params
+        cached = AtmanRequestInfo.from_extra_args(params.extra_args if params else None)
+        request.__dict__[_INFO_ATTR] = cached
+    return cached
+
+
+def install() -> None:
+    base = importlib.import_module(_BINDING_MODULES[0])
+    original = base.generate_block_hash_extra_keys
+    if getattr(original, "_atman", False):
+        return
+
+    def generate_block_hash_extra_keys(request, start_token_idx, end_token_idx, start_mm_idx):
+        keys, next_mm_idx = original(request, start_token_idx, end_token_idx, start_mm_idx)
+        info = _request_info(request)
+        if info is not None:
+            atman_keys = info.block_hash_keys(start_token_idx, end_token_idx)
+            if atman_keys:
+                keys = (keys or ()) + atman_keys
+        return keys, next_mm_idx
+
+    generate_block_hash_extra_keys._atman = True
+    for name in _BINDING_MODULES:
+        module = importlib.import_module(name)
+        if hasattr(module, "generate_block_hash_extra_keys"):
+            module.generate_block_hash_extra_keys = generate_block_hash_extra_keys

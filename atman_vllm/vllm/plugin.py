@@ -1,0 +1,24 @@
+"""vLLM general plugin: loaded by vLLM in every process (entry point
+``vllm.general_plugins`` → ``atman``). Installs the AtMan attention backend
+and the scheduler and runner hooks; see docs/vllm_touchpoints.md."""
+
+from __future__ import annotations
+
+_installed = False
+
+
+def register() -> None:
+    global _installed
+    if _installed:
+        return
+    from vllm.platforms import current_platform
+    from vllm.v1.attention.backends.registry import AttentionBackendEnum, register_backend
+    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+
+    from . import block_hash, runner_hooks
+
+    if current_platform.is_cpu():
+        register_backend(AttentionBackendEnum.CPU_ATTN, "atman_vllm.vllm.backend_cpu.AtmanCPUAttentionBackend")
+    block_hash.install()
+    runner_hooks.install(GPUModelRunner)
+    _installed = True
