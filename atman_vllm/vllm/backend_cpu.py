@@ -18,49 +18,80 @@ from .biased_attention import BATCH_BIAS_ATTR, KeyBiasTensors, biased_attention
 
 
 
-class PagedKVLayout:
-    """How one ISA packs a block of keys; found by reading back fresh writes.
+def _plain(raw, bs, hs):
+    return raw.view(*raw.shape[:-1], bs, hs)
 
-    The CPU kernels store keys transposed inside a block for some ISAs
-    (``vec``: [head_size, block_size]) and plain for others. Rather than hard-code
-    a table that changes between vLLM releases, the layout is checked the
-    first time each ISA is seen against the keys just written to the cache.
+
+def _transposed(raw, bs, hs):  # ISA vec: keys as [head_size, block_size]
+    return raw.view(*raw.shape[:-1], hs, bs).transpose(-1, -2)
+
+
+def _amx_keys(raw, bs, hs):  # ISA amx: 16-token tiles of dimension pairs, [bs/16, hs/2, 16, 2]
+    t = raw.view(*raw.shape[:-1], bs // 16, hs // 2, 16, 2)
+    return t.permute(*range(raw.dim() - 1), -4, -2, -3, -1).reshape(*raw.shape[:-1], bs, hs)
+
+
+def _amx_values(raw, bs, hs):  # ISA amx: 16-dim tiles of token pairs, [hs/16, bs/2, 16, 2]
+    t = raw.view(*raw.shape[:-1], hs // 16, bs // 2, 16, 2)
+    return t.permute(*range(raw.dim() - 1), -3, -1, -4, -2).reshape(*raw.shape[:-1], bs, hs)
+
+
+_KEY_LAYOUTS = {"plain": _plain, "transposed": _transposed, "amx": _amx_keys}
+_VALUE_LAYOUTS = {"plain": _plain, "amx": _amx_values}
+
+
+class PagedKVLayout:
+    """How vLLM's CPU kernels pack keys and values inside a cache block.
+
+    The packing depends on the ISA the kernels picked (``vec``: keys
+    transposed; ``amx``: bf16 tiles), is not part of vLLM's API and changes
+    between releases. So each candidate decoder is checked, the first time an
+    ISA is seen, against the keys and values just written to the cache; the
+    first exact match is used from then on, and no match is a clear error.
     """
 
-    _transposed_by_isa: dict[str, bool] = {}
+    _by_isa: dict[str, tuple[str, str]] = {}
 
     @classmethod
-    def keys_transposed(cls, isa: str, key_cache, key, slot_mapping) -> bool:
-        known = cls._transposed_by_isa.get(isa)
-        if known is not None:
-            return known
+    def decoders(cls, isa, key_cache, value_cache, key, value, slot_mapping):
+        names = cls._by_isa.get(isa)
+        if names is None:
+            names = cls._detect(key_cache, value_cache, key, value, slot_mapping)
+            if names is None:
+                raise RuntimeError(
+                    f"atman-vllm cannot read vLLM's CPU KV-cache layout for ISA {isa!r}; AtMan needs a "
+                    "float32 or bfloat16 cache without quantisation (see docs/vllm_touchpoints.md)")
+            cls._by_isa[isa] = names
+        return _KEY_LAYOUTS[names[0]], _VALUE_LAYOUTS[names[1]]
+
+    @staticmethod
+    def _detect(key_cache, value_cache, key, value, slot_mapping):
         block_size, head_size = key_cache.shape[2], key_cache.shape[3]
-        slot = int(slot_mapping[0])
-        block, offset = divmod(slot, block_size)
-        raw = key_cache[block].reshape(key_cache.shape[1], -1)  # [kv_heads, block_size * head_size]
-        plain = raw.view(-1, block_size, head_size)[:, offset]
-        transposed = raw.view(-1, head_size, block_size)[:, :, offset]
-        expected = key[0].to(raw.dtype)
-        if torch.equal(transposed, expected) and not torch.equal(plain, expected):
-            cls._transposed_by_isa[isa] = True
-        elif torch.equal(plain, expected):
-            cls._transposed_by_isa[isa] = False
-        else:
-            raise RuntimeError(
-                f"atman-vllm cannot read vLLM's CPU KV-cache layout for ISA {isa!r} "
-                "(neither plain nor block-transposed keys); AtMan needs float32/bfloat16 "
-                "caches without quantisation"
-            )
-        return cls._transposed_by_isa[isa]
+        slots = slot_mapping[: key.shape[0]].long()
+        blocks, offsets = slots // block_size, slots % block_size
+        rows = torch.arange(len(slots))
+
+        def match(cache, fresh, layouts):
+            raw = cache[blocks].reshape(len(slots), cache.shape[1], -1)
+            for name, decode in layouts.items():
+                try:
+                    got = decode(raw, block_size, head_size)[rows, :, offsets]
+                except RuntimeError:  # shape does not fit this packing
+                    continue
+                if torch.equal(got, fresh.to(got.dtype)):
+                    return name
+            return None
+
+        k, v = match(key_cache, key, _KEY_LAYOUTS), match(value_cache, value, _VALUE_LAYOUTS)
+        return (k, v) if k and v else None
 
 
-def gather_sequence_kv(key_cache, value_cache, block_ids, seq_len: int, keys_transposed: bool):
+def gather_sequence_kv(key_cache, value_cache, block_ids, seq_len: int, decode_keys, decode_values):
     """All keys and values of one sequence, ``[seq_len, kv_heads, head_size]`` each."""
-    k = key_cache[block_ids]  # [n, kv_heads, block_size, head_size] (a copy)
-    n, kv_heads, block_size, head_size = k.shape
-    if keys_transposed:
-        k = k.reshape(n, kv_heads, head_size, block_size).transpose(2, 3)
-    v = value_cache[block_ids]
+    n = len(block_ids)
+    kv_heads, block_size, head_size = key_cache.shape[1:]
+    k = decode_keys(key_cache[block_ids].reshape(n, kv_heads, -1), block_size, head_size)
+    v = decode_values(value_cache[block_ids].reshape(n, kv_heads, -1), block_size, head_size)
     k = k.permute(0, 2, 1, 3).reshape(n * block_size, kv_heads, head_size)[:seq_len]
     v = v.permute(0, 2, 1, 3).reshape(n * block_size, kv_heads, head_size)[:seq_len]
     return k, v
@@ -90,14 +121,15 @@ class AtmanCPUAttentionBackendImpl(CPUAttentionBackendImpl):
                 raise NotImplementedError(
                     f"AtMan perturbations are not supported with {', '.join(self._unsupported)}"
                 )
-            self._overwrite_perturbed_rows(layer, query, key, kv_cache, attn_metadata, output, batch_bias)
+            self._overwrite_perturbed_rows(layer, query, key, value, kv_cache, attn_metadata, output, batch_bias)
         return output
 
-    def _overwrite_perturbed_rows(self, layer, query, key, kv_cache, md, output,
+    def _overwrite_perturbed_rows(self, layer, query, key, value, kv_cache, md, output,
                                   batch_bias: dict[int, KeyBiasTensors]) -> None:
         num_blocks, num_kv_heads, block_size, _ = kv_cache.shape
         key_cache, value_cache = kv_cache.view(num_blocks, num_kv_heads, 2 * block_size, -1).chunk(2, dim=2)
-        transposed = PagedKVLayout.keys_transposed(layer.isa, key_cache, key, md.slot_mapping)
+        decode_keys, decode_values = PagedKVLayout.decoders(
+            layer.isa, key_cache, value_cache, key, value, md.slot_mapping)
         out = output.view(output.shape[0], self.num_heads, self.head_size)
         q_all = query.view(query.shape[0], self.num_heads, self.head_size)
         qsl = md.query_start_loc.tolist()
@@ -107,7 +139,7 @@ class AtmanCPUAttentionBackendImpl(CPUAttentionBackendImpl):
             if q_end == q_start:
                 continue
             block_ids = md.block_table[row, : -(-seq_len // block_size)].long()
-            keys, values = gather_sequence_kv(key_cache, value_cache, block_ids, seq_len, transposed)
+            keys, values = gather_sequence_kv(key_cache, value_cache, block_ids, seq_len, decode_keys, decode_values)
             out[q_start:q_end] = biased_attention(q_all[q_start:q_end], keys, values, self.scale, bias)
 
 

@@ -21,4 +21,17 @@ def register() -> None:
         register_backend(AttentionBackendEnum.CPU_ATTN, "atman_vllm.vllm.backend_cpu.AtmanCPUAttentionBackend")
     block_hash.install()
     runner_hooks.install(GPUModelRunner)
+    _install_kv_block_stats()
     _installed = True
+
+
+def _install_kv_block_stats() -> None:
+    """An engine-core utility method, so tests and the server can check that
+    aborted or finished explanations give every KV block back."""
+    from vllm.v1.engine.core import EngineCore
+
+    def atman_kv_block_stats(self) -> dict:
+        pool = self.scheduler.kv_cache_manager.block_pool
+        return {"free": pool.get_num_free_blocks(), "total": pool.num_gpu_blocks}
+
+    EngineCore.atman_kv_block_stats = atman_kv_block_stats

@@ -1,0 +1,271 @@
+"""The Python entry points: AtMan explanations and steered generation on vLLM.
+
+``AtmanLLM`` wraps ``vllm.LLM`` (offline, synchronous); ``AsyncAtmanLLM``
+wraps ``AsyncLLM`` for the server. Both plan with ``atman_vllm.core`` and run
+the plan's forks through the same engine that generates: the unperturbed
+pass first (its KV blocks enter the prefix cache), then all forks together.
+
+    llm = AtmanLLM(model="path/to/model")
+    result = llm.explain("Ben likes to eat burgers and", " fries", granularity="word")
+    print(result.to_dict())
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+import uuid
+from dataclasses import dataclass
+from typing import AsyncIterator, Callable, Sequence
+
+import numpy as np
+
+from atman_vllm.core import (
+    Control,
+    ExplainRequest,
+    ExplainResult,
+    Explainer,
+    ForkJob,
+    ForkResult,
+    HFTokenizer,
+    InvalidRequestError,
+    plan_controls,
+    plan_explanation,
+)
+
+# Defaults that make explanations share the prefix cache well on CPU: small
+# blocks (sharing is block-granular) and a KV cache sized for a small machine.
+_CPU_DEFAULTS = {"block_size": 32, "kv_cache_memory_bytes": 1 << 30}
+
+
+def _engine_kwargs(model: str, engine_args: dict) -> dict:
+    from vllm.platforms import current_platform
+
+    kwargs = dict(engine_args)
+    kwargs["model"] = str(model)
+    kwargs.setdefault("enable_prefix_caching", True)
+    if current_platform.is_cpu():
+        for k, v in _CPU_DEFAULTS.items():
+            if k == "kv_cache_memory_bytes" and os.environ.get("VLLM_CPU_KVCACHE_SPACE"):
+                continue
+            kwargs.setdefault(k, v)
+    return kwargs
+
+
+@dataclass(frozen=True)
+class Generation:
+    prompt: str
+    text: str
+    token_ids: tuple[int, ...]
+    finish_reason: str | None
+
+
+@dataclass(frozen=True)
+class GenerationDelta:
+    text: str  # new text in this step
+    token_ids: list[int]  # new token ids
+    finished: bool
+    finish_reason: str | None
+    completion_text: str  # everything generated so far
+
+
+def _sampling(max_tokens: int, temperature: float, seed: int | None, logprobs: int | None = None) -> dict:
+    return {"max_tokens": max_tokens, "temperature": temperature, "seed": seed, "logprobs": logprobs}
+
+
+class _AtmanEngineMixin:
+    """What the sync and async APIs share: tokenizer, embeddings, controls."""
+
+    def _init_common(self, model_dir: str, hf_tokenizer, max_model_len: int) -> None:
+        from .vllm.embeddings import EmbeddingTable
+
+        self.tokenizer = HFTokenizer(hf_tokenizer)
+        self.max_model_len = max_model_len
+        self.model_name = str(model_dir)
+        self._embeddings = EmbeddingTable(model_dir) if os.path.isdir(model_dir) else None
+
+    def embedding_rows(self, token_ids: Sequence[int]) -> np.ndarray | None:
+        return self._embeddings.rows(token_ids) if self._embeddings is not None else None
+
+    def plan(self, request: ExplainRequest):
+        from .vllm.forks import check_fits
+
+        plan = plan_explanation(request, self.tokenizer, self.embedding_rows)
+        check_fits(len(plan.encoded.token_ids), self.max_model_len)
+        return plan
+
+    def _controlled_prompt(self, prompt: str, controls, control_mode, control_kappa, control_overlap):
+        from vllm.inputs import TokensPrompt
+
+        token_ids, bias = plan_controls(prompt, self.tokenizer, controls, control_mode, control_kappa,
+                                        control_overlap, self.embedding_rows)
+        return TokensPrompt(prompt_token_ids=list(token_ids)), bias
+
+
+class AtmanLLM(_AtmanEngineMixin, Explainer):
+    """AtMan on an offline ``vllm.LLM``. Engine arguments pass through."""
+
+    def __init__(self, model: str, **engine_args):
+        from vllm import LLM
+
+        self.llm = LLM(**_engine_kwargs(model, engine_args))
+        config = self.llm.llm_engine.vllm_config.model_config
+        self._init_common(model, self.llm.get_tokenizer(), config.max_model_len)
+
+    # -- Explainer -----------------------------------------------------------------
+    def run_jobs(self, jobs: Sequence[ForkJob]) -> list[ForkResult]:
+        from .vllm.forks import fork_request, fork_result, unperturbed_first
+
+        results: list[ForkResult | None] = [None] * len(jobs)
+        for wave in unperturbed_first(jobs):
+            if not wave:
+                continue
+            requests = [fork_request(jobs[i]) for i in wave]
+            outputs = self.llm.generate([r.prompt for r in requests], [r.params for r in requests], use_tqdm=False)
+            for i, out in zip(wave, outputs):
+                results[i] = fork_result(jobs[i], out)
+        return results  # type: ignore[return-value]
+
+    def complete(self, prompt: str, max_tokens: int) -> str:
+        return self.generate([prompt], max_tokens=max_tokens)[0].text
+
+    def explain(self, prompt: str, target: str | None = None, options=None, *, max_tokens: int = 32,
+                **option_kwargs) -> ExplainResult:
+        """Explain ``target`` given ``prompt``; with no target, explain the greedy completion."""
+        if target is None:
+            target = self.complete(prompt, max_tokens)
+            if not target:
+                raise InvalidRequestError("target", "the model generated an empty completion to explain")
+        return super().explain(prompt, target, options, **option_kwargs)
+
+    # -- generation ----------------------------------------------------------------
+    def generate(self, prompts: str | Sequence[str], *, max_tokens: int = 64, temperature: float = 0.0,
+                 seed: int | None = None, controls: Sequence[Control] = (), control_mode: str = "log-additive",
+                 control_kappa: float | None = None, control_overlap: str = "partial") -> list[Generation]:
+        """Generate completions, optionally steered by attention ``controls`` on the prompt."""
+        from .vllm.forks import controlled_params
+
+        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        engine_prompts, params = [], []
+        for p in prompts:
+            ep, bias = self._controlled_prompt(p, controls, control_mode, control_kappa, control_overlap)
+            engine_prompts.append(ep)
+            params.append(controlled_params(bias, **_sampling(max_tokens, temperature, seed)))
+        outputs = self.llm.generate(engine_prompts, params, use_tqdm=False)
+        return [Generation(p, o.outputs[0].text, tuple(o.outputs[0].token_ids), o.outputs[0].finish_reason)
+                for p, o in zip(prompts, outputs)]
+
+    def next_token_logprobs(self, prompt: str, *, controls: Sequence[Control] = (), control_mode: str = "log-additive",
+                            control_kappa: float | None = None, control_overlap: str = "partial",
+                            num_logprobs: int = 20) -> dict[int, float]:
+        """Top next-token log-probabilities after ``prompt`` (raw model scores), under controls."""
+        from .vllm.forks import controlled_params
+
+        ep, bias = self._controlled_prompt(prompt, controls, control_mode, control_kappa, control_overlap)
+        params = controlled_params(bias, **_sampling(1, 0.0, None, num_logprobs))
+        out = self.llm.generate([ep], [params], use_tqdm=False)[0]
+        return {tid: lp.logprob for tid, lp in out.outputs[0].logprobs[0].items()}
+
+    def kv_block_stats(self) -> dict:
+        """Engine-side KV blocks: {"free": n, "total": n} (for leak checks)."""
+        core = self.llm.llm_engine.engine_core
+        if hasattr(core, "call_utility"):
+            return core.call_utility("atman_kv_block_stats")
+        return core.engine_core.atman_kv_block_stats()
+
+
+class AsyncAtmanLLM(_AtmanEngineMixin):
+    """AtMan on vLLM's ``AsyncLLM``: the engine the server shares with generation."""
+
+    def __init__(self, engine, model_dir: str):
+        self.engine = engine
+        self.vllm_config = engine.vllm_config
+        self._init_common(model_dir, engine.tokenizer, self.vllm_config.model_config.max_model_len)
+
+    @classmethod
+    def from_engine_args(cls, model: str, **engine_args) -> "AsyncAtmanLLM":
+        from vllm.engine.arg_utils import AsyncEngineArgs
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        engine = AsyncLLM.from_engine_args(AsyncEngineArgs(**_engine_kwargs(model, engine_args)))
+        return cls(engine, model)
+
+    def plan_size(self, request: ExplainRequest) -> tuple[int, int]:
+        """(number of tokens, number of units) of a request, validating it."""
+        if not request.target:
+            from atman_vllm.core import encode_prompt
+
+            return len(encode_prompt(self.tokenizer, request.prompt).token_ids), 0
+        plan = self.plan(request)
+        return len(plan.encoded.token_ids), len(plan.jobs) - 1
+
+    async def _run_fork(self, index: int, job: ForkJob, request_id: str) -> tuple[int, ForkResult]:
+        from .vllm.forks import fork_request, fork_result
+
+        req = fork_request(job)
+        final = None
+        async for out in self.engine.generate(req.prompt, req.params, request_id=request_id):
+            final = out
+        return index, fork_result(job, final)
+
+    async def explain(self, request: ExplainRequest, *, request_id: str | None = None,
+                      on_progress: Callable[[int, int], None] | None = None, max_tokens: int = 32) -> ExplainResult:
+        """Explain one request. An empty target means: generate greedily, then explain that.
+
+        Cancelling the awaiting task aborts every fork still running.
+        """
+        from .vllm.forks import unperturbed_first
+
+        request_id = request_id or uuid.uuid4().hex
+        started = time.perf_counter()
+        if not request.target:
+            completion = ""
+            async for delta in self.generate(request.prompt, max_tokens=max_tokens, request_id=f"{request_id}-gen"):
+                completion = delta.completion_text
+            if not completion:
+                raise InvalidRequestError("target", "the model generated an empty completion to explain")
+            request = ExplainRequest(request.prompt, completion, request.options)
+        plan = self.plan(request)
+        jobs = plan.jobs
+        results: list[ForkResult | None] = [None] * len(jobs)
+        done = 0
+        for wave in unperturbed_first(jobs):
+            tasks = [asyncio.ensure_future(self._run_fork(i, jobs[i], f"{request_id}-{i}")) for i in wave]
+            try:
+                for fut in asyncio.as_completed(tasks):
+                    i, results[i] = await fut
+                    done += 1
+                    if on_progress is not None:
+                        on_progress(done, len(jobs))
+            finally:
+                for t in tasks:
+                    t.cancel()
+                await asyncio.gather(*tasks, return_exceptions=True)
+        return plan.finish(results, time.perf_counter() - started)  # type: ignore[arg-type]
+
+    async def generate(self, prompt: str, *, max_tokens: int = 64, temperature: float = 0.0, seed: int | None = None,
+                       controls: Sequence[Control] = (), control_mode: str = "log-additive",
+                       control_kappa: float | None = None, control_overlap: str = "partial",
+                       request_id: str | None = None) -> AsyncIterator[GenerationDelta]:
+        from vllm.sampling_params import RequestOutputKind
+
+        from .vllm.forks import controlled_params
+
+        ep, bias = self._controlled_prompt(prompt, controls, control_mode, control_kappa, control_overlap)
+        params = controlled_params(bias, **_sampling(max_tokens, temperature, seed))
+        params.output_kind = RequestOutputKind.DELTA
+        text = ""
+        async for out in self.engine.generate(ep, params, request_id=request_id or uuid.uuid4().hex):
+            c = out.outputs[0]
+            text += c.text
+            yield GenerationDelta(c.text, list(c.token_ids), out.finished, c.finish_reason, text)
+
+    async def kv_block_stats(self) -> dict:
+        return await self.engine.engine_core.call_utility_async("atman_kv_block_stats")
+
+    async def num_free_kv_blocks(self) -> int:
+        return (await self.kv_block_stats())["free"]
+
+    def shutdown(self) -> None:
+        self.engine.shutdown()

@@ -1,0 +1,61 @@
+"""Turning ForkJobs into engine requests and engine outputs into ForkResults.
+
+Shared by the synchronous (vllm.LLM) and asynchronous (AsyncLLM) APIs. The
+unperturbed run of an explanation must finish before its forks start: only
+then are its KV blocks committed to the prefix cache for the forks to reuse.
+"""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+from vllm import SamplingParams
+from vllm.inputs import TokensPrompt
+
+from atman_vllm.core.options import InvalidRequestError
+from atman_vllm.core.plan import ForkJob, ForkResult, KeyBias
+
+from .wire import AtmanRequestInfo
+
+
+@dataclass(frozen=True)
+class EngineRequest:
+    prompt: TokensPrompt
+    params: SamplingParams
+
+
+def fork_request(job: ForkJob) -> EngineRequest:
+    """One forward pass scoring the target: max_tokens=1, nothing detokenized."""
+    info = AtmanRequestInfo(job.bias, job.target_start, nonce=uuid.uuid4().hex)
+    params = SamplingParams(max_tokens=1, temperature=0.0, detokenize=False, extra_args=info.to_extra_args())
+    return EngineRequest(TokensPrompt(prompt_token_ids=list(job.token_ids)), params)
+
+
+def fork_result(job: ForkJob, output) -> ForkResult:
+    ce = output.prompt_token_id_logprobs
+    if ce is None:
+        raise RuntimeError("the engine returned no target scores: is the atman vLLM plugin installed?")
+    cached = int(output.num_cached_tokens or 0)
+    return ForkResult(np.asarray(ce, dtype=np.float64), computed_tokens=len(job.token_ids) - cached, cached_tokens=cached)
+
+
+def controlled_params(bias: KeyBias | None, **sampling) -> SamplingParams:
+    """Sampling parameters of a generation steered by attention controls."""
+    extra = AtmanRequestInfo(bias).to_extra_args() if bias is not None else None
+    return SamplingParams(extra_args=extra, **sampling)
+
+
+def unperturbed_first(jobs: Sequence[ForkJob]) -> tuple[list[int], list[int]]:
+    """Indices of the jobs to run first (no bias) and of the forks after them."""
+    first = [i for i, j in enumerate(jobs) if j.bias is None]
+    return first, [i for i, j in enumerate(jobs) if j.bias is not None]
+
+
+def check_fits(num_tokens: int, max_model_len: int) -> None:
+    # +1: a fork samples one (discarded) token after the sequence.
+    if num_tokens + 1 > max_model_len:
+        raise InvalidRequestError(
+            "prompt", f"prompt and target are {num_tokens} tokens; this model serves at most {max_model_len - 1}")
