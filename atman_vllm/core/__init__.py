@@ -1,0 +1,47 @@
+"""AtMan's algorithm, independent of any model runtime (no vllm/torch/transformers here).
+
+Request -> ``plan_explanation`` -> ``ForkJob``s -> a backend's ``run_jobs`` ->
+``ExplainPlan.finish`` -> ``ExplainResult`` (the JSON contract). Backends
+subclass ``Explainer`` and only run forward passes.
+"""
+
+from .controls import Control, Overlap, plan_controls
+from .correlation import correlated_factors, cosine_similarity
+from .explainer import Explainer, make_options
+from .options import (
+    ExplainOptions,
+    Granularity,
+    InvalidRequestError,
+    Mode,
+    Postprocessing,
+    TargetGranularity,
+    check_factor,
+    check_kappa,
+    check_spans,
+)
+from .plan import ForkJob, ForkResult, KeyBias
+from .planning import EmbeddingRows, ExplainPlan, TokenSimilarity, plan_explanation, unit_bias
+from .requests import ExplainRequest
+from .results import (
+    EXPLAIN_RESULT_SCHEMA,
+    ExplainResult,
+    ExplainStats,
+    ExplanationForTarget,
+    SpanScore,
+    TargetToken,
+    TextSpan,
+)
+from .scoring import normalize_scores, postprocess, raw_deltas, score_explanations
+from .tokens import EncodedInput, EncodedPrompt, HFTokenizer, Tokenizer, encode_input, encode_prompt
+from .units import AUTO_MAX_UNITS, Unit, segment_prompt, target_units
+
+__all__ = [
+    "AUTO_MAX_UNITS", "Control", "EXPLAIN_RESULT_SCHEMA", "EmbeddingRows", "EncodedInput", "EncodedPrompt",
+    "ExplainOptions", "ExplainPlan", "ExplainRequest", "ExplainResult", "ExplainStats", "Explainer",
+    "ExplanationForTarget", "ForkJob", "ForkResult", "Granularity", "HFTokenizer", "InvalidRequestError",
+    "KeyBias", "Mode", "Overlap", "Postprocessing", "SpanScore", "TargetGranularity", "TargetToken", "TextSpan",
+    "TokenSimilarity", "Tokenizer", "Unit", "check_factor", "check_kappa", "check_spans", "correlated_factors",
+    "cosine_similarity", "encode_input", "encode_prompt", "make_options", "normalize_scores", "plan_controls",
+    "plan_explanation", "postprocess", "raw_deltas", "score_explanations", "segment_prompt", "target_units",
+    "unit_bias",
+]

@@ -8,6 +8,7 @@ service can turn it into INVALID_ARGUMENT / HTTP 400 as it is.
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import asdict, dataclass, field
 from enum import Enum
 
@@ -68,6 +69,31 @@ def check_factor(value, name: str = "factor") -> float:
     return f
 
 
+def check_kappa(value, name: str = "kappa") -> float | None:
+    """The correlated-suppression threshold: None (off) or a number in [0, 1]."""
+    if value is None:
+        return None
+    try:
+        kappa = float(value)
+    except (TypeError, ValueError):
+        raise InvalidRequestError(name, f"must be a number in [0, 1], got {value!r}") from None
+    if not (0.0 <= kappa <= 1.0):  # also rejects NaN
+        raise InvalidRequestError(name, f"must be in [0, 1], got {value!r}")
+    return kappa
+
+
+def check_spans(value, name: str = "spans") -> tuple[tuple[int, int], ...]:
+    """Explicit (start, length) character spans as a tuple of int pairs (range checks need the text)."""
+    try:
+        spans = tuple((s, n) for s, n in value)
+    except (TypeError, ValueError):
+        raise InvalidRequestError(name, f"must be a list of (start, length) pairs, got {value!r}") from None
+    for s, n in spans:
+        if not all(isinstance(x, numbers.Integral) and not isinstance(x, bool) for x in (s, n)):
+            raise InvalidRequestError(name, f"start and length must be integers, got ({s!r}, {n!r})")
+    return tuple((int(s), int(n)) for s, n in spans)
+
+
 @dataclass(frozen=True)
 class ExplainOptions:
     factor: float = 0.1
@@ -87,24 +113,19 @@ class ExplainOptions:
         granularity = _enum(Granularity, self.granularity, "granularity")
         target_granularity = _enum(TargetGranularity, self.target_granularity, "target_granularity")
         post = _enum(Postprocessing, self.postprocessing, "postprocessing")
-        kappa = self.kappa
-        if kappa is not None:
-            try:
-                kappa = float(kappa)
-            except (TypeError, ValueError):
-                raise InvalidRequestError("kappa", f"must be a number in [0, 1], got {kappa!r}") from None
-            if not (0.0 <= kappa <= 1.0):  # also rejects NaN
-                raise InvalidRequestError("kappa", f"must be in [0, 1], got {self.kappa!r}")
+        kappa = check_kappa(self.kappa)
         spans = self.spans
         if spans is not None and granularity is Granularity.AUTO:
             granularity = Granularity.SPANS
         if granularity is Granularity.SPANS:
             if not spans:
                 raise InvalidRequestError("spans", "granularity 'spans' needs at least one (start, length) span")
-            spans = tuple((int(s), int(n)) for s, n in spans)
+            spans = check_spans(spans)
         elif spans is not None:
             raise InvalidRequestError("spans", f"spans are only allowed with granularity 'spans', not {granularity.value!r}")
         delimiter = self.delimiter
+        if delimiter is not None and not isinstance(delimiter, str):
+            raise InvalidRequestError("delimiter", f"must be a string, got {type(delimiter).__name__}")
         if granularity is Granularity.CUSTOM:
             if not delimiter:
                 raise InvalidRequestError("delimiter", "granularity 'custom' needs a non-empty delimiter")

@@ -1,0 +1,115 @@
+"""Attention steering for generation: the caller scales attention to parts of the prompt.
+
+A ``Control`` is a character span of the prompt with a factor (< 1 suppresses,
+> 1 amplifies). It turns into one ``KeyBias`` over the prompt tokens that is
+applied for the whole generation.
+
+- It applies to every prompt token its span overlaps. ``overlap="complete"``
+  gives each such token the full factor; ``"partial"`` interpolates by the
+  fraction of the token's characters covered, ``f_eff = 1 + (f − 1)·covered/len``
+  (a 2.0 control over half a token gives 1.5), so selecting part of a word
+  does not act like selecting all of it.
+- Several controls on one token multiply (they are independent requests).
+- With ``kappa`` each control also reaches tokens whose input embeddings are
+  similar (ATMAN_SPEC §5, same formula with the control's factor). The
+  candidates are the prompt's content tokens (never the BOS); generated
+  tokens do not exist yet when the bias is planned.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import Enum
+from typing import Any, Sequence
+
+import numpy as np
+
+from .correlation import correlated_factors
+from .options import InvalidRequestError, Mode, _enum, check_factor, check_kappa
+from .plan import KeyBias
+from .planning import EmbeddingRows, TokenSimilarity
+from .tokens import Tokenizer, encode_prompt
+
+
+class Overlap(str, Enum):
+    PARTIAL = "partial"
+    COMPLETE = "complete"
+
+
+@dataclass(frozen=True)
+class Control:
+    start: int  # char offset into the prompt
+    length: int
+    factor: float
+
+
+def _coerce(i: int, c: Any, prompt_length: int) -> Control:
+    if isinstance(c, dict):
+        c = Control(c.get("start"), c.get("length"), c.get("factor"))
+    elif not isinstance(c, Control):
+        try:
+            c = Control(*c)
+        except TypeError:
+            raise InvalidRequestError("controls", f"controls[{i}] must be (start, length, factor), got {c!r}") from None
+    for name in ("start", "length"):
+        v = getattr(c, name)
+        if not isinstance(v, int) or isinstance(v, bool):
+            raise InvalidRequestError("controls", f"controls[{i}].{name} must be an integer, got {v!r}")
+    if c.length <= 0:
+        raise InvalidRequestError("controls", f"controls[{i}] is an empty span (length {c.length})")
+    if c.start < 0 or c.start + c.length > prompt_length:
+        raise InvalidRequestError(
+            "controls", f"controls[{i}] span ({c.start}, {c.length}) lies outside the prompt (length {prompt_length})")
+    try:
+        factor = check_factor(c.factor, "controls")
+    except InvalidRequestError:
+        raise InvalidRequestError("controls", f"controls[{i}].factor must be finite and > 0, got {c.factor!r}") from None
+    return Control(c.start, c.length, factor)
+
+
+def plan_controls(
+    prompt: str,
+    tokenizer: Tokenizer,
+    controls: Sequence[Control | dict | tuple],
+    mode: Mode | str = "log-additive",
+    kappa: float | None = None,
+    overlap: Overlap | str = "partial",
+    embedding_rows: EmbeddingRows | None = None,
+) -> tuple[tuple[int, ...], KeyBias | None]:
+    """Token ids of the prompt (with BOS) and the bias the controls ask for (None: no change)."""
+    mode = _enum(Mode, mode, "mode")
+    overlap = _enum(Overlap, overlap, "overlap")
+    kappa = check_kappa(kappa)
+    encoded = encode_prompt(tokenizer, prompt)
+    checked = sorted((_coerce(i, c, len(prompt)) for i, c in enumerate(controls or ())), key=lambda c: c.start)
+    for a, b in zip(checked, checked[1:]):
+        if b.start < a.start + a.length:
+            raise InvalidRequestError("controls", f"spans ({a.start}, {a.length}) and ({b.start}, {b.length}) overlap")
+    if not checked:
+        return encoded.token_ids, None
+
+    base = encoded.prompt_start
+    candidates = tuple(range(base, len(encoded.token_ids)))
+    similarity = TokenSimilarity(encoded.token_ids, embedding_rows) if kappa is not None else None
+    factors = np.ones(len(encoded.token_ids))
+    for c in checked:
+        direct: dict[int, float] = {}
+        for i, (s, e) in enumerate(encoded.prompt_offsets):
+            covered = min(e, c.start + c.length) - max(s, c.start)
+            if covered > 0:
+                share = 1.0 if overlap is Overlap.COMPLETE else covered / (e - s)
+                direct[base + i] = 1.0 + (c.factor - 1.0) * share
+        if not direct:
+            raise InvalidRequestError("controls", f"span ({c.start}, {c.length}) {prompt[c.start:c.start + c.length]!r} "
+                                                  "covers no token")
+        reach = dict(direct)
+        if similarity is not None:
+            positions = sorted(direct)
+            correlated = correlated_factors(positions, candidates, similarity.between(positions, candidates), kappa, c.factor)
+            reach.update({k: f for k, f in correlated.items() if k not in direct})
+        for p, f in reach.items():
+            factors[p] *= f
+    positions = tuple(int(p) for p in np.flatnonzero(factors != 1.0))
+    if not positions:
+        return encoded.token_ids, None
+    return encoded.token_ids, KeyBias(positions, tuple(float(factors[p]) for p in positions), mode)

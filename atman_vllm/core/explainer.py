@@ -1,0 +1,76 @@
+"""The base class every backend reuses: a backend only runs forward passes.
+
+A backend (Hugging Face reference, vLLM) implements ``run_jobs`` (and
+``embedding_rows`` if it supports kappa, ``complete`` if it can generate a
+target); planning, scoring and the result contract come from here, so all
+backends give the same answer for the same cross-entropies.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from abc import ABC, abstractmethod
+from typing import Sequence
+
+import numpy as np
+
+from .options import ExplainOptions, InvalidRequestError
+from .plan import ForkJob, ForkResult
+from .planning import ExplainPlan, plan_explanation
+from .requests import ExplainRequest
+from .results import ExplainResult
+from .tokens import Tokenizer
+
+
+def make_options(options: ExplainOptions | None = None, **option_kwargs) -> ExplainOptions:
+    """``options`` with ``option_kwargs`` applied on top; an unknown keyword names itself."""
+    known = {f.name for f in dataclasses.fields(ExplainOptions)}
+    for name in option_kwargs:
+        if name not in known:
+            raise InvalidRequestError(name, "unknown option")
+    if "spans" in option_kwargs and option_kwargs["spans"] is not None:
+        option_kwargs["spans"] = tuple(tuple(s) for s in option_kwargs["spans"])
+    return dataclasses.replace(options or ExplainOptions(), **option_kwargs)
+
+
+class Explainer(ABC):
+    tokenizer: Tokenizer
+
+    @abstractmethod
+    def run_jobs(self, jobs: Sequence[ForkJob]) -> list[ForkResult]:
+        """Run every job (any order, any batching) and return one result per job, in job order."""
+
+    def embedding_rows(self, token_ids: Sequence[int]) -> np.ndarray | None:
+        """Input-embedding rows [len(token_ids), d] for correlated suppression (kappa); None if unsupported."""
+        return None
+
+    def complete(self, prompt: str, max_tokens: int) -> str:
+        """Greedy continuation of ``prompt`` (used when a caller gives no target)."""
+        raise NotImplementedError(f"{type(self).__name__} cannot generate a target")
+
+    def plan(self, request: ExplainRequest) -> ExplainPlan:
+        return plan_explanation(request, self.tokenizer, self.embedding_rows)
+
+    def explain(self, prompt: str, target: str, options: ExplainOptions | None = None, **option_kwargs) -> ExplainResult:
+        started = time.perf_counter()
+        plan = self.plan(ExplainRequest(prompt, target, make_options(options, **option_kwargs)))
+        results = self.run_jobs(plan.jobs)
+        return plan.finish(results, time.perf_counter() - started)
+
+    def explain_many(self, requests: Sequence[ExplainRequest]) -> list[ExplainResult]:
+        """Plan all requests (any invalid one fails before anything runs), run every job in one
+        ``run_jobs`` call so the backend can batch across requests, then score each.
+        Each result's ``elapsed_s`` is the wall time of the whole batch."""
+        started = time.perf_counter()
+        plans = [self.plan(r) for r in requests]
+        all_jobs = [job for p in plans for job in p.jobs]
+        results = self.run_jobs(all_jobs) if all_jobs else []
+        if len(results) != len(all_jobs):
+            raise ValueError(f"run_jobs returned {len(results)} results for {len(all_jobs)} jobs")
+        elapsed = time.perf_counter() - started
+        out, i = [], 0
+        for p in plans:
+            out.append(p.finish(results[i:i + len(p.jobs)], elapsed))
+            i += len(p.jobs)
+        return out

@@ -1,0 +1,132 @@
+"""Request -> forward passes -> result: the one code path every backend shares.
+
+``plan_explanation`` tokenizes, segments and builds one ``ForkJob`` per unit
+(jobs[0] is the unperturbed run); a backend runs the jobs; ``ExplainPlan.finish``
+scores the returned cross-entropies.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Callable, Sequence
+
+import numpy as np
+
+from .correlation import correlated_factors, cosine_similarity
+from .options import ExplainOptions, InvalidRequestError, Mode
+from .plan import ForkJob, ForkResult, KeyBias
+from .requests import ExplainRequest
+from .results import ExplainResult, ExplainStats, TargetToken
+from .scoring import raw_deltas, score_explanations
+from .tokens import EncodedInput, Tokenizer, encode_input
+from .units import Unit, segment_prompt, target_units
+
+# Input-embedding rows [n, d] for the given token ids; None when the backend cannot provide them.
+EmbeddingRows = Callable[[Sequence[int]], "np.ndarray | None"]
+
+
+class TokenSimilarity:
+    """Cosine similarity of the input embeddings of a sequence's tokens, by position.
+
+    Computed once per distinct token id (a sequence repeats ids a lot), so
+    equal ids are exactly 1.0 similar and memory is O(distinct ids²), not O(L²).
+    """
+
+    def __init__(self, token_ids: Sequence[int], embedding_rows: EmbeddingRows | None, field: str = "kappa"):
+        distinct = sorted(set(token_ids))
+        rows = embedding_rows(distinct) if embedding_rows is not None else None
+        if rows is None:
+            raise InvalidRequestError(field, "correlated suppression needs the input embeddings, "
+                                             "which this backend cannot provide; leave kappa unset")
+        rows = np.asarray(rows)
+        if rows.ndim != 2 or rows.shape[0] != len(distinct):
+            raise ValueError(f"embedding_rows returned shape {rows.shape} for {len(distinct)} token ids")
+        self._sim = cosine_similarity(rows)
+        index = {t: i for i, t in enumerate(distinct)}
+        self._row_of_position = np.array([index[t] for t in token_ids])
+
+    def between(self, positions_a: Sequence[int], positions_b: Sequence[int]) -> np.ndarray:
+        """[len(a), len(b)] similarities."""
+        ra, rb = self._row_of_position[list(positions_a)], self._row_of_position[list(positions_b)]
+        return self._sim[np.ix_(ra, rb)]
+
+
+def unit_bias(
+    unit_positions: Sequence[int],
+    factor: float,
+    mode: Mode,
+    kappa: float | None = None,
+    similarity: TokenSimilarity | None = None,
+    candidate_positions: Sequence[int] = (),
+) -> KeyBias:
+    """The per-key factors that suppress one unit (with correlated suppression when kappa is set)."""
+    if kappa is None:
+        factors = {p: factor for p in unit_positions}
+    else:
+        sim = similarity.between(unit_positions, candidate_positions)
+        factors = correlated_factors(unit_positions, candidate_positions, sim, kappa, factor)
+    positions = tuple(sorted(factors))
+    return KeyBias(positions, tuple(factors[p] for p in positions), Mode(mode))
+
+
+@dataclass(frozen=True)
+class ExplainPlan:
+    request: ExplainRequest
+    encoded: EncodedInput
+    units: tuple[Unit, ...]  # prompt units, in text order
+    target_units: tuple[Unit, ...]  # target tokens as units (target granularity "token" only)
+    options: ExplainOptions  # validated and resolved (no "auto")
+    jobs: list[ForkJob]  # jobs[0]: unperturbed; then one per unit, prompt units then target units
+
+    def finish(self, results: Sequence[ForkResult], elapsed_s: float) -> ExplainResult:
+        """Score the backend's results (one per job, same order) into the JSON-contract result."""
+        if len(results) != len(self.jobs):
+            raise ValueError(f"got {len(results)} results for {len(self.jobs)} jobs")
+        num_targets = self.encoded.num_targets
+        ce = np.stack([np.asarray(r.target_ce, dtype=np.float64).reshape(-1) for r in results])
+        if ce.shape[1] != num_targets:
+            raise ValueError(f"results have {ce.shape[1]} target cross-entropies, expected {num_targets}")
+        if not np.all(np.isfinite(ce)):
+            raise ValueError("backend returned a non-finite target cross-entropy")
+        opts, target = self.options, self.request.target
+        explanations = score_explanations(
+            self.units, self.target_units, target, self.encoded.target_offsets, self.encoded.target_start,
+            raw_deltas(ce[0], ce[1:]), opts.target_granularity, opts.postprocessing, opts.normalize,
+        )
+        target_tokens = tuple(
+            TargetToken(target[s:e], s, e - s, float(-ce[0, t])) for t, (s, e) in enumerate(self.encoded.target_offsets)
+        )
+        stats = ExplainStats(
+            perturbations=len(self.jobs) - 1,
+            forward_passes=len(self.jobs),
+            computed_tokens=int(sum(r.computed_tokens for r in results)),
+            cached_tokens=int(sum(r.cached_tokens for r in results)),
+            elapsed_s=float(elapsed_s),
+        )
+        return ExplainResult(self.request.prompt, target, target_tokens, explanations, opts, stats)
+
+
+def plan_explanation(
+    request: ExplainRequest, tokenizer: Tokenizer, embedding_rows: EmbeddingRows | None = None
+) -> ExplainPlan:
+    """Validate, tokenize, segment, and plan the n + 1 forward passes of one explanation.
+
+    ``embedding_rows`` is needed only when ``kappa`` is set.
+    """
+    options = request.options.validated()
+    encoded = encode_input(tokenizer, request.prompt, request.target)
+    units, granularity = segment_prompt(request.prompt, encoded.prompt_offsets, encoded.prompt_start, options)
+    options = replace(options, granularity=granularity)
+    t_units = target_units(request.target, encoded.target_offsets, encoded.target_start, options.target_granularity)
+
+    similarity, candidates = None, ()
+    if options.kappa is not None:
+        # Candidates for correlated suppression: every content token, prompt and target, never the BOS.
+        candidates = tuple(range(encoded.prompt_start, len(encoded.token_ids)))
+        similarity = TokenSimilarity(encoded.token_ids, embedding_rows)
+
+    jobs = [ForkJob(encoded.token_ids, encoded.target_start, None)]
+    for unit in (*units, *t_units):
+        bias = unit_bias(unit.positions, options.factor, options.mode, options.kappa, similarity, candidates)
+        jobs.append(ForkJob(encoded.token_ids, encoded.target_start, bias))
+    return ExplainPlan(request, encoded, tuple(units), tuple(t_units), options, jobs)

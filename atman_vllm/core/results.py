@@ -1,0 +1,182 @@
+"""The explanation result and its JSON contract (shared by CLI, HTTP and gRPC).
+
+Every span is ``(start, length)`` into the prompt (``prompt_scores``) or the
+target (``target``, ``target_tokens``, ``target_scores``), with its text, so
+clients never handle token ids.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .options import ExplainOptions
+
+
+@dataclass(frozen=True)
+class TextSpan:
+    start: int
+    length: int
+    text: str
+
+    def to_dict(self) -> dict:
+        return {"start": self.start, "length": self.length, "text": self.text}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TextSpan":
+        return cls(int(d["start"]), int(d["length"]), d["text"])
+
+
+@dataclass(frozen=True)
+class SpanScore:
+    start: int
+    length: int
+    text: str
+    score: float  # positive: suppressing this span made the target less likely
+
+    def to_dict(self) -> dict:
+        return {"start": self.start, "length": self.length, "text": self.text, "score": self.score}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "SpanScore":
+        return cls(int(d["start"]), int(d["length"]), d["text"], float(d["score"]))
+
+
+@dataclass(frozen=True)
+class TargetToken:
+    text: str
+    start: int  # into the target text
+    length: int
+    logprob: float  # log p(token | everything before it), unperturbed run
+
+    def to_dict(self) -> dict:
+        return {"text": self.text, "start": self.start, "length": self.length, "logprob": self.logprob}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TargetToken":
+        return cls(d["text"], int(d["start"]), int(d["length"]), float(d["logprob"]))
+
+
+@dataclass(frozen=True)
+class ExplanationForTarget:
+    """Scores explaining one target span (the whole target, or one target token)."""
+
+    target: TextSpan
+    prompt_scores: tuple[SpanScore, ...]
+    target_scores: tuple[SpanScore, ...] = ()  # earlier target tokens; only for target granularity "token"
+
+    def to_dict(self) -> dict:
+        return {
+            "target": self.target.to_dict(),
+            "prompt_scores": [s.to_dict() for s in self.prompt_scores],
+            "target_scores": [s.to_dict() for s in self.target_scores],
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ExplanationForTarget":
+        return cls(
+            TextSpan.from_dict(d["target"]),
+            tuple(SpanScore.from_dict(s) for s in d["prompt_scores"]),
+            tuple(SpanScore.from_dict(s) for s in d["target_scores"]),
+        )
+
+
+@dataclass(frozen=True)
+class ExplainStats:
+    perturbations: int  # forks with a bias
+    forward_passes: int  # perturbations + the unperturbed run
+    computed_tokens: int  # positions the model actually ran, all passes together
+    cached_tokens: int  # positions served from the prefix cache
+    elapsed_s: float
+
+    def to_dict(self) -> dict:
+        return {
+            "perturbations": self.perturbations,
+            "forward_passes": self.forward_passes,
+            "computed_tokens": self.computed_tokens,
+            "cached_tokens": self.cached_tokens,
+            "elapsed_s": self.elapsed_s,
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ExplainStats":
+        return cls(int(d["perturbations"]), int(d["forward_passes"]), int(d["computed_tokens"]),
+                   int(d["cached_tokens"]), float(d["elapsed_s"]))
+
+
+@dataclass(frozen=True)
+class ExplainResult:
+    prompt: str
+    target: str
+    target_tokens: tuple[TargetToken, ...]
+    explanations: tuple[ExplanationForTarget, ...]
+    options: ExplainOptions  # as resolved (granularity "auto" replaced by what it chose)
+    stats: ExplainStats
+
+    def to_dict(self) -> dict:
+        return {
+            "prompt": self.prompt,
+            "target": self.target,
+            "target_tokens": [t.to_dict() for t in self.target_tokens],
+            "explanations": [e.to_dict() for e in self.explanations],
+            "options": self.options.to_dict(),
+            "stats": self.stats.to_dict(),
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ExplainResult":
+        return cls(
+            prompt=d["prompt"],
+            target=d["target"],
+            target_tokens=tuple(TargetToken.from_dict(t) for t in d["target_tokens"]),
+            explanations=tuple(ExplanationForTarget.from_dict(e) for e in d["explanations"]),
+            options=ExplainOptions.from_dict(d["options"]),
+            stats=ExplainStats.from_dict(d["stats"]),
+        )
+
+
+_INT0 = {"type": "integer", "minimum": 0}
+_SPAN_PROPS = {"start": _INT0, "length": _INT0, "text": {"type": "string"}}
+
+
+def _obj(props: dict) -> dict:
+    return {"type": "object", "properties": props, "required": list(props), "additionalProperties": False}
+
+
+_SPAN_SCORE = _obj({**_SPAN_PROPS, "score": {"type": "number"}})
+_OPTIONS = _obj({
+    "factor": {"type": "number", "exclusiveMinimum": 0},
+    "mode": {"enum": ["log-additive", "multiplicative"]},
+    "kappa": {"type": ["number", "null"], "minimum": 0, "maximum": 1},
+    # The result reports the resolved granularity, so "auto" never appears here.
+    "granularity": {"enum": ["token", "word", "sentence", "paragraph", "custom", "spans"]},
+    "target_granularity": {"enum": ["complete", "token"]},
+    "postprocessing": {"enum": ["none", "absolute", "square"]},
+    "normalize": {"type": "boolean"},
+})
+_OPTIONS["properties"]["delimiter"] = {"type": "string", "minLength": 1}
+_OPTIONS["properties"]["spans"] = {
+    "type": "array", "minItems": 1,
+    "items": {"type": "array", "prefixItems": [_INT0, {"type": "integer", "minimum": 1}], "minItems": 2, "maxItems": 2},
+}
+
+EXPLAIN_RESULT_SCHEMA: dict = {
+    "$schema": "https://json-schema.org/draft/2020-12/schema",
+    "title": "AtMan explanation result",
+    **_obj({
+        "prompt": {"type": "string", "minLength": 1},
+        "target": {"type": "string", "minLength": 1},
+        "target_tokens": {"type": "array", "minItems": 1, "items": _obj({
+            "text": {"type": "string"}, "start": _INT0, "length": _INT0, "logprob": {"type": "number"},
+        })},
+        "explanations": {"type": "array", "minItems": 1, "items": _obj({
+            "target": _obj(dict(_SPAN_PROPS)),
+            "prompt_scores": {"type": "array", "minItems": 1, "items": _SPAN_SCORE},
+            "target_scores": {"type": "array", "items": _SPAN_SCORE},
+        })},
+        "options": _OPTIONS,
+        "stats": _obj({
+            "perturbations": _INT0, "forward_passes": {"type": "integer", "minimum": 1},
+            "computed_tokens": _INT0, "cached_tokens": _INT0, "elapsed_s": {"type": "number", "minimum": 0},
+        }),
+    }),
+}
