@@ -1,0 +1,5 @@
+"""``python -m atman_vllm.cli``: the same as the ``atman-vllm`` console script."""
+
+from . import main
+
+raise SystemExit(main())
