@@ -1,0 +1,79 @@
+"""The per-key bias on hand-made pre-softmax score rows (ATMAN_SPEC §2)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from atman_vllm.core import KeyBias, Mode
+from atman_vllm.reference import RowKeyBias, biased_scores
+
+# One query row over five keys: positive and negative raw scores; key 1 is the row minimum.
+ROW = torch.tensor([[[[1.5, -2.0, 0.7, -0.3, 2.2]]]])
+ALL_VISIBLE = torch.ones(1, 1, 1, 5, dtype=torch.bool)
+
+
+def _weights(key: int, factor: float, mode: Mode, scores=ROW, visible=ALL_VISIBLE) -> torch.Tensor:
+    bias = RowKeyBias.from_key_biases([KeyBias((key,), (factor,), mode)], scores.shape[-1])
+    return torch.softmax(biased_scores(scores, visible, bias), dim=-1)[0, 0, 0]
+
+
+def _unbiased_weights() -> torch.Tensor:
+    return torch.softmax(biased_scores(ROW, ALL_VISIBLE, None), dim=-1)[0, 0, 0]
+
+
+@pytest.mark.parametrize("mode", list(Mode))
+@pytest.mark.parametrize("key", [0, 2, 3, 4])  # raw scores 1.5, 0.7, -0.3 (negative), 2.2 (row max)
+def test_suppression_lowers_the_keys_weight_for_positive_and_negative_scores(mode, key):
+    before = _unbiased_weights()
+    after = _weights(key, 0.1, mode)
+    assert after[key] < before[key] - 1e-3
+    others = [k for k in range(5) if k != key]
+    assert torch.all(after[others] > before[others])  # the mass goes elsewhere, nothing else is touched
+    amplified = _weights(key, 3.0, mode)
+    assert amplified[key] > before[key] + 1e-3
+
+
+def test_multiplicative_values_and_the_row_minimum_is_a_fixed_point():
+    bias = RowKeyBias.from_key_biases([KeyBias((0, 3), (0.5, 0.25), Mode.MULTIPLICATIVE)], 5)
+    out = biased_scores(ROW, ALL_VISIBLE, bias)[0, 0, 0]
+    m = -2.0
+    expected = [m + 0.5 * (1.5 - m), -2.0, 0.7, m + 0.25 * (-0.3 - m), 2.2]
+    assert out.tolist() == pytest.approx(expected, abs=1e-6)
+    # The key holding the minimum cannot be lowered by m + f (H - m): documented behaviour of Eq. 4.
+    assert _weights(1, 0.1, Mode.MULTIPLICATIVE)[1] == pytest.approx(_unbiased_weights()[1].item(), abs=1e-7)
+
+
+def test_log_additive_adds_log_factor():
+    bias = RowKeyBias.from_key_biases([KeyBias((2,), (0.1,), Mode.LOG_ADDITIVE)], 5)
+    out = biased_scores(ROW, ALL_VISIBLE, bias)[0, 0, 0]
+    assert out[2].item() == pytest.approx(0.7 + math.log(0.1), abs=1e-6)
+    assert out[[0, 1, 3, 4]].tolist() == ROW[0, 0, 0, [0, 1, 3, 4]].tolist()
+
+
+def test_multiplicative_minimum_is_over_visible_keys_only():
+    scores = torch.tensor([[[[0.5, 1.0, -5.0]]]])
+    visible = torch.tensor([[[[True, True, False]]]])  # key 2 is in the future of this query
+    bias = RowKeyBias.from_key_biases([KeyBias((1,), (0.5,), Mode.MULTIPLICATIVE)], 3)
+    out = biased_scores(scores, visible, bias)[0, 0, 0]
+    assert out[1].item() == pytest.approx(0.5 + 0.5 * (1.0 - 0.5))
+    assert out[0].item() == 0.5 and out[2].item() == -math.inf
+
+
+@pytest.mark.parametrize("mode", list(Mode))
+def test_factor_one_is_bit_identical(mode):
+    bias = RowKeyBias.from_key_biases([KeyBias((0, 2, 3), (1.0, 1.0, 1.0), mode)], 5)
+    assert torch.equal(biased_scores(ROW, ALL_VISIBLE, bias), ROW)
+
+
+def test_rows_of_a_batch_get_their_own_bias():
+    scores = ROW.expand(3, 2, 1, 5)  # batch 3, 2 heads
+    biases = [None, KeyBias((0,), (0.1,), Mode.LOG_ADDITIVE), KeyBias((4,), (0.1,), Mode.MULTIPLICATIVE)]
+    out = biased_scores(scores, ALL_VISIBLE, RowKeyBias.from_key_biases(biases, 5))
+    assert torch.equal(out[0], scores[0])
+    assert out[1, :, 0, 0].tolist() == pytest.approx([1.5 + math.log(0.1)] * 2, abs=1e-6)
+    assert torch.equal(out[1, :, 0, 1:], scores[1, :, 0, 1:])
+    assert out[2, :, 0, 4].tolist() == pytest.approx([-2.0 + 0.1 * 4.2] * 2, abs=1e-6)
+    assert torch.equal(out[2, :, 0, :4], scores[2, :, 0, :4])
