@@ -59,6 +59,7 @@ class Generation:
     text: str
     token_ids: tuple[int, ...]
     finish_reason: str | None
+    cached_tokens: int  # prompt tokens served from the prefix cache
 
 
 @dataclass(frozen=True)
@@ -153,8 +154,8 @@ class AtmanLLM(_AtmanEngineMixin, Explainer):
             engine_prompts.append(ep)
             params.append(controlled_params(bias, **_sampling(max_tokens, temperature, seed)))
         outputs = self.llm.generate(engine_prompts, params, use_tqdm=False)
-        return [Generation(p, o.outputs[0].text, tuple(o.outputs[0].token_ids), o.outputs[0].finish_reason)
-                for p, o in zip(prompts, outputs)]
+        return [Generation(p, o.outputs[0].text, tuple(o.outputs[0].token_ids), o.outputs[0].finish_reason,
+                           int(o.num_cached_tokens or 0)) for p, o in zip(prompts, outputs)]
 
     def next_token_logprobs(self, prompt: str, *, controls: Sequence[Control] = (), control_mode: str = "log-additive",
                             control_kappa: float | None = None, control_overlap: str = "partial",
