@@ -9,6 +9,7 @@ one, add a line to ``COMMANDS``.
 from __future__ import annotations
 
 import importlib
+import os
 import sys
 from typing import Sequence
 
@@ -39,6 +40,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if name not in COMMANDS:
         print(f"error: unknown command {name!r}; expected one of: {', '.join(COMMANDS)}", file=sys.stderr)
         return 2
+    # vLLM logs to stdout by default; keep stdout for results (--json output).
+    os.environ.setdefault("VLLM_LOGGING_STREAM", "ext://sys.stderr")
     module_name = COMMANDS[name][0]
     try:
         module = importlib.import_module(module_name)

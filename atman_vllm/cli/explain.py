@@ -14,6 +14,7 @@ from typing import Any, Sequence
 
 from atman_vllm.core import ExplainOptions, InvalidRequestError, make_options
 
+from .engine_args import add_engine_arguments, engine_kwargs
 from .parser import OneLineParser, UsageError, run_command
 
 DEFAULT_MAX_TOKENS = 16
@@ -55,6 +56,7 @@ def build_parser() -> OneLineParser:
     p.add_argument("--postprocessing", help="none|absolute|square (default none)")
     p.add_argument("--normalize", action="store_true", help="min-max scale each explanation to [0, 1]")
     p.add_argument("--json", action="store_true", help="print the result as JSON (the service's contract)")
+    add_engine_arguments(p)
     return p
 
 
@@ -76,14 +78,14 @@ def options_from_args(args: argparse.Namespace) -> ExplainOptions:
         raise UsageError(f"{_option_name(e.field)}: {e.message}") from None
 
 
-def load_backend(name: str, model_dir: str) -> Any:
+def load_backend(name: str, model_dir: str, engine_args: dict | None = None) -> Any:
     if name == "reference":
         from atman_vllm.reference import ReferenceExplainer
 
         return ReferenceExplainer(model_dir)
     from atman_vllm.api import AtmanLLM
 
-    return AtmanLLM(model=model_dir)
+    return AtmanLLM(model=model_dir, **(engine_args or {}))
 
 
 def _generate_target(backend: Any, args: argparse.Namespace) -> str:
@@ -113,7 +115,7 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError(f"--model: no such directory: {args.model}")
 
     try:
-        backend = load_backend(args.backend, args.model)
+        backend = load_backend(args.backend, args.model, engine_kwargs(args))
     except ImportError as e:
         print(f"error: --backend {args.backend}: unavailable ({e})", file=sys.stderr)
         return 1
