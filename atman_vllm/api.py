@@ -50,6 +50,8 @@ def _engine_kwargs(model: str, engine_args: dict) -> dict:
             if k == "kv_cache_memory_bytes" and os.environ.get("VLLM_CPU_KVCACHE_SPACE"):
                 continue
             kwargs.setdefault(k, v)
+    elif current_platform.is_cuda():
+        kwargs.setdefault("attention_backend", "TRITON_ATTN")  # the backend the AtMan kernel extends
     return kwargs
 
 

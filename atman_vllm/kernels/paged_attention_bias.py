@@ -35,8 +35,8 @@ import torch
 
 from atman_vllm.core.plan import KeyBias
 
-LOG_ADDITIVE = "log-additive"
-MULTIPLICATIVE = "multiplicative"
+from .key_bias import LOG_ADDITIVE, MULTIPLICATIVE, attend_with_key_bias, dense_row
+
 _MODES = (LOG_ADDITIVE, MULTIPLICATIVE)
 
 Implementation = Literal["auto", "triton", "interpreter", "torch"]
@@ -146,50 +146,26 @@ def paged_attention_with_key_bias_torch(
     has_bias = _check_bias(bias_start_loc, bias_positions, bias_values, seq_lens.shape[0])
     if out is None:
         out = torch.empty_like(query)
-    num_heads, num_kv_heads = query.shape[1], key_cache.shape[2]
-    group = num_heads // num_kv_heads
+    num_kv_heads = key_cache.shape[2]
     block_size = key_cache.shape[1]
-    compute_dtype = torch.float64 if query.dtype == torch.float64 else torch.float32
 
     starts = query_start_loc.tolist()
     lens = seq_lens.tolist()
     bias_starts = bias_start_loc.tolist() if has_bias else None
     for seq, seq_len in enumerate(lens):
         q_lo, q_hi = starts[seq], starts[seq + 1]
-        q_len = q_hi - q_lo
-        if q_len == 0:
+        if q_hi == q_lo:
             continue
         num_blocks = -(-seq_len // block_size)
         blocks = block_table[seq, :num_blocks].long()
-        # [seq_len, num_heads, head_size]: gather the sequence's pages, then
-        # repeat each KV head for the query heads of its GQA group.
+        # [seq_len, num_kv_heads, head_size]: the sequence's pages, in order.
         k = key_cache[blocks].reshape(-1, num_kv_heads, key_cache.shape[-1])[:seq_len]
         v = value_cache[blocks].reshape(-1, num_kv_heads, value_cache.shape[-1])[:seq_len]
-        k = k.to(compute_dtype).repeat_interleave(group, dim=1)
-        v = v.to(compute_dtype).repeat_interleave(group, dim=1)
-        q = query[q_lo:q_hi].to(compute_dtype)
-
-        scores = torch.einsum("qhd,khd->hqk", q, k) * scale  # H[q, k] per head
-        query_pos = torch.arange(seq_len - q_len, seq_len, device=query.device)
-        key_pos = torch.arange(seq_len, device=query.device)
-        visible = key_pos[None, :] <= query_pos[:, None]  # [q_len, seq_len]
-
+        row = None
         if has_bias and bias_starts[seq + 1] > bias_starts[seq]:
             lo, hi = bias_starts[seq], bias_starts[seq + 1]
-            pos = bias_positions[lo:hi].long()
-            log_f = bias_values[lo:hi].to(compute_dtype)
-            keep = (pos >= 0) & (pos < seq_len)
-            pos, log_f = pos[keep], log_f[keep]
-            if mode == LOG_ADDITIVE:
-                scores[:, :, pos] += log_f
-            else:
-                row_min = scores.masked_fill(~visible, math.inf).amin(dim=-1, keepdim=True)
-                f = log_f.exp()
-                scores[:, :, pos] = row_min + f * (scores[:, :, pos] - row_min)
-
-        scores = scores.masked_fill(~visible, -math.inf)
-        probs = torch.softmax(scores, dim=-1)
-        out[q_lo:q_hi] = torch.einsum("hqk,khd->qhd", probs, v).to(out.dtype)
+            row = dense_row(bias_positions[lo:hi], bias_values[lo:hi], seq_len)
+        out[q_lo:q_hi] = attend_with_key_bias(query[q_lo:q_hi], k, v, scale, row, mode).to(out.dtype)
     return out
 
 

@@ -22,6 +22,7 @@ from transformers.masking_utils import AttentionMaskInterface, eager_mask
 
 from atman_vllm.core.options import Mode
 from atman_vllm.core.plan import KeyBias
+from atman_vllm.kernels.key_bias import apply_key_bias
 
 ATTENTION_NAME = "atman_reference"
 
@@ -30,29 +31,26 @@ ATTENTION_NAME = "atman_reference"
 class RowKeyBias:
     """Dense per-batch-row key factors for one forward pass.
 
-    ``log_factor[b, k]`` is added to key column k (log-additive mode; 0 = no
-    change); ``factor[b, k]`` rescales column k towards the row minimum
-    (multiplicative mode; 1 = no change). A row uses at most one of the two.
+    ``log_factor[b, k]`` is ``log f_k`` for row b (0 = key left alone);
+    ``multiplicative[b]`` is row b's mode.
     """
 
     log_factor: torch.Tensor  # [B, K] float32
-    factor: torch.Tensor  # [B, K] float32
+    multiplicative: torch.Tensor  # [B] bool
 
     @classmethod
     def from_key_biases(cls, biases: Sequence[KeyBias | None], length: int) -> "RowKeyBias":
         log_factor = torch.zeros(len(biases), length, dtype=torch.float32)
-        factor = torch.ones(len(biases), length, dtype=torch.float32)
+        multiplicative = torch.zeros(len(biases), dtype=torch.bool)
         for row, bias in enumerate(biases):
             if bias is None:
                 continue
             if bias.positions and bias.positions[-1] >= length:
                 raise ValueError(f"bias position {bias.positions[-1]} is outside a sequence of {length} tokens")
+            multiplicative[row] = Mode(bias.mode) is Mode.MULTIPLICATIVE
             for pos, f in zip(bias.positions, bias.factors):
-                if Mode(bias.mode) is Mode.LOG_ADDITIVE:
-                    log_factor[row, pos] = math.log(f)
-                else:
-                    factor[row, pos] = f
-        return cls(log_factor, factor)
+                log_factor[row, pos] = math.log(f)
+        return cls(log_factor, multiplicative)
 
 
 # Set only for the duration of one forward pass (``key_bias_scope``), so no
@@ -70,21 +68,11 @@ def key_bias_scope(bias: RowKeyBias | None) -> Iterator[None]:
 
 
 def biased_scores(scores: torch.Tensor, visible: torch.Tensor, bias: RowKeyBias | None) -> torch.Tensor:
-    """Apply AtMan to pre-softmax scores and mask invisible keys with -inf.
-
-    scores: [B, H, Q, K] (``Q Kᵀ · scale``); visible: bool, broadcastable to
-    scores (causal / padding mask). Log-additive: ``H + log f_k``.
-    Multiplicative: ``m_q + f_k (H − m_q)`` with ``m_q`` the minimum over the
-    keys row q can see; columns with f = 1 are left bit-identical.
-    """
-    if bias is not None:
-        log_factor = bias.log_factor[:, None, None, :].to(scores.dtype)
-        factor = bias.factor[:, None, None, :].to(scores.dtype)
-        scores = scores + log_factor
-        row_min = torch.where(visible, scores, torch.inf).amin(dim=-1, keepdim=True)
-        scaled = row_min + factor * (scores - row_min)
-        scores = torch.where(factor != 1.0, scaled, scores)
-    return scores.masked_fill(~visible, -torch.inf)
+    """Apply AtMan to pre-softmax scores ``[B, H, Q, K]`` and mask invisible keys with -inf."""
+    if bias is None:
+        return scores.masked_fill(~visible, -torch.inf)
+    return apply_key_bias(scores, visible, bias.log_factor[:, None, None, :],
+                          bias.multiplicative[:, None, None, None])
 
 
 def _visible_keys(attention_mask: torch.Tensor | None, q_len: int, k_len: int, device) -> torch.Tensor:

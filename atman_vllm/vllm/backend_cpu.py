@@ -1,7 +1,7 @@
 """The AtMan attention backend for vLLM's CPU platform (CPU_ATTN).
 
 Unperturbed sequences run vLLM's stock kernel untouched. For the rows of a
-perturbed sequence the stock result is overwritten by ``biased_attention``,
+perturbed sequence the stock result is overwritten by ``attend_with_key_bias``,
 recomputed from the paged KV cache (so prefix blocks served from the prefix
 cache are attended to like any other). The step's per-row biases arrive on
 the attention metadata as ``atman_bias`` (see ``runner_hooks``).
@@ -13,7 +13,9 @@ import torch
 from vllm.v1.attention.backend import AttentionType
 from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend, CPUAttentionBackendImpl
 
-from .biased_attention import BATCH_BIAS_ATTR, KeyBiasTensors, biased_attention
+from atman_vllm.kernels.key_bias import attend_with_key_bias
+
+from .biased_attention import BATCH_BIAS_ATTR, KeyBiasTensors
 
 
 
@@ -140,7 +142,8 @@ class AtmanCPUAttentionBackendImpl(CPUAttentionBackendImpl):
                 continue
             block_ids = md.block_table[row, : -(-seq_len // block_size)].long()
             keys, values = gather_sequence_kv(key_cache, value_cache, block_ids, seq_len, decode_keys, decode_values)
-            out[q_start:q_end] = biased_attention(q_all[q_start:q_end], keys, values, self.scale, bias)
+            out[q_start:q_end] = attend_with_key_bias(q_all[q_start:q_end], keys, values, self.scale,
+                                                      bias.dense(seq_len), bias.mode)
 
 
 class AtmanCPUAttentionBackend(CPUAttentionBackend):

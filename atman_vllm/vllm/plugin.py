@@ -19,6 +19,9 @@ def register() -> None:
 
     if current_platform.is_cpu():
         register_backend(AttentionBackendEnum.CPU_ATTN, "atman_vllm.vllm.backend_cpu.AtmanCPUAttentionBackend")
+    elif current_platform.is_cuda():
+        # AtmanLLM selects TRITON_ATTN on CUDA: its cache layout is the one the kernel reads.
+        register_backend(AttentionBackendEnum.TRITON_ATTN, "atman_vllm.vllm.backend_gpu.AtmanTritonAttentionBackend")
     block_hash.install()
     runner_hooks.install(GPUModelRunner)
     _install_kv_block_stats()

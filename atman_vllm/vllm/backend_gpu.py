@@ -1,0 +1,112 @@
+"""The AtMan attention backend for CUDA: a subclass of vLLM's TRITON_ATTN.
+
+Unperturbed sequences run vLLM's stock ``unified_attention`` untouched. The
+rows of perturbed sequences are then recomputed by the Triton kernel in
+``atman_vllm.kernels`` (paged, per-key bias, both modes) on a compact
+sub-batch and scattered back. The sub-batch and its dense bias rows are built
+once per step (first layer) and reused by every layer.
+
+On CUDA ``AtmanLLM`` selects TRITON_ATTN (``attention_backend``), since its
+KV-cache layout is the one the kernel reads. Not run in CI (no GPU there);
+``PerturbedSubBatch`` is tested on the CPU with the kernels' torch fallback.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from vllm.v1.attention.backend import AttentionType
+from vllm.v1.attention.backends.triton_attn import TritonAttentionBackend, TritonAttentionImpl
+
+from atman_vllm.kernels import paged_attention_with_key_bias
+
+from .biased_attention import BATCH_BIAS_ATTR, KeyBiasTensors
+
+_SUB_BATCH_ATTR = "atman_sub_batches"  # per-mode sub-batches cached on the step's metadata
+
+
+@dataclass(frozen=True)
+class PerturbedSubBatch:
+    """The perturbed sequences of one step that share a mode, as a compact batch."""
+
+    rows: torch.Tensor  # token indices of their query rows in the full batch
+    query_start_loc: torch.Tensor
+    seq_lens: torch.Tensor
+    block_table: torch.Tensor
+    max_query_len: int
+    mode: str
+    bias_start_loc: torch.Tensor  # CSR over the sub-batch's sequences
+    bias_positions: torch.Tensor
+    bias_values: torch.Tensor
+    log_factors: torch.Tensor  # the same, dense [num_seqs, max_seq_len], for the Triton path
+
+    @classmethod
+    def build(cls, batch_bias: dict[int, KeyBiasTensors], mode: str, query_start_loc: torch.Tensor,
+              seq_lens: torch.Tensor, block_table: torch.Tensor) -> "PerturbedSubBatch | None":
+        seqs = sorted(r for r, b in batch_bias.items() if b.mode == mode)
+        if not seqs:
+            return None
+        device = query_start_loc.device
+        qsl = query_start_loc.tolist()  # one host sync per step, not per layer
+        q_lens = [qsl[r + 1] - qsl[r] for r in seqs]
+        index = torch.tensor(seqs, device=device)
+        sub_seq_lens = seq_lens[index]
+        biases = [batch_bias[r] for r in seqs]
+        width = int(sub_seq_lens.max())
+
+        def cumsum(xs):
+            return torch.tensor([0] + torch.tensor(xs).cumsum(0).tolist(), dtype=torch.int32, device=device)
+
+        return cls(
+            rows=torch.cat([torch.arange(qsl[r], qsl[r + 1]) for r in seqs]).to(device),
+            query_start_loc=cumsum(q_lens),
+            seq_lens=sub_seq_lens,
+            block_table=block_table[index],
+            max_query_len=max(q_lens),
+            mode=mode,
+            bias_start_loc=cumsum([len(b.positions) for b in biases]),
+            bias_positions=torch.cat([b.positions for b in biases]).to(device, torch.int32),
+            bias_values=torch.cat([b.log_factors for b in biases]).to(device),
+            log_factors=torch.stack([b.dense(width) for b in biases]).to(device),
+        )
+
+    def attend(self, query, key_cache, value_cache, scale: float) -> torch.Tensor:
+        """The sub-batch's attention rows, ``[len(rows), heads, head_size]``."""
+        return paged_attention_with_key_bias(
+            query[self.rows], key_cache, value_cache, self.block_table, self.seq_lens, self.query_start_loc,
+            self.max_query_len, scale, self.bias_start_loc, self.bias_positions, self.bias_values, self.mode,
+            log_factors=self.log_factors if query.is_cuda else None)
+
+
+class AtmanTritonAttentionImpl(TritonAttentionImpl):
+    def forward(self, layer, query, key, value, kv_cache, attn_metadata, output,
+                output_scale=None, output_block_scale=None):
+        super().forward(layer, query, key, value, kv_cache, attn_metadata, output,
+                        output_scale, output_block_scale)
+        batch_bias = getattr(attn_metadata, BATCH_BIAS_ATTR, None) if attn_metadata is not None else None
+        if not batch_bias or self.attn_type != AttentionType.DECODER:
+            return output
+        if output_scale is not None or self.sliding_window not in (None, (-1, -1), -1):
+            raise NotImplementedError("AtMan perturbations need unquantised, full (non-windowed) attention")
+        key_cache, value_cache = kv_cache.transpose(1, 2).split(self.head_size, dim=-1)
+        out = output.view(output.shape[0], self.num_heads, self.head_size)
+        for sub in _sub_batches(attn_metadata, batch_bias):
+            out[sub.rows] = sub.attend(query, key_cache, value_cache, self.scale)
+        return output
+
+
+def _sub_batches(md, batch_bias) -> list[PerturbedSubBatch]:
+    cached = getattr(md, _SUB_BATCH_ATTR, None)
+    if cached is None or cached[0] is not batch_bias:
+        subs = [PerturbedSubBatch.build(batch_bias, mode, md.query_start_loc, md.seq_lens, md.block_table)
+                for mode in ("log-additive", "multiplicative")]
+        cached = (batch_bias, [s for s in subs if s is not None])
+        setattr(md, _SUB_BATCH_ATTR, cached)
+    return cached[1]
+
+
+class AtmanTritonAttentionBackend(TritonAttentionBackend):
+    @staticmethod
+    def get_impl_cls():
+        return AtmanTritonAttentionImpl
