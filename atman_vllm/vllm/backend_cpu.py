@@ -115,15 +115,18 @@ class AtmanCPUAttentionBackendImpl(CPUAttentionBackendImpl):
 
     def forward(self, layer, query, key, value, kv_cache, attn_metadata, output,
                 output_scale=None, output_block_scale=None):
-        super().forward(layer, query, key, value, kv_cache, attn_metadata, output,
-                        output_scale, output_block_scale)
         batch_bias = getattr(attn_metadata, BATCH_BIAS_ATTR, None) if attn_metadata is not None else None
-        if batch_bias and self.attn_type == AttentionType.DECODER:
-            if self._unsupported:
-                raise NotImplementedError(
-                    f"AtMan perturbations are not supported with {', '.join(self._unsupported)}"
-                )
-            self._overwrite_perturbed_rows(layer, query, key, value, kv_cache, attn_metadata, output, batch_bias)
+        if not batch_bias or self.attn_type != AttentionType.DECODER:
+            return super().forward(layer, query, key, value, kv_cache, attn_metadata, output,
+                                   output_scale, output_block_scale)
+        # Every row gets overwritten when every sequence is perturbed (the forks
+        # of an explanation): then the stock kernel's work would be thrown away.
+        if len(batch_bias) < attn_metadata.query_start_loc.shape[0] - 1:
+            super().forward(layer, query, key, value, kv_cache, attn_metadata, output,
+                            output_scale, output_block_scale)
+        if self._unsupported:
+            raise NotImplementedError(f"AtMan perturbations are not supported with {', '.join(self._unsupported)}")
+        self._overwrite_perturbed_rows(layer, query, key, value, kv_cache, attn_metadata, output, batch_bias)
         return output
 
     def _overwrite_perturbed_rows(self, layer, query, key, value, kv_cache, md, output,
