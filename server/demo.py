@@ -1,0 +1,119 @@
+"""End-to-end demo of the service: ``python -m atman_server.demo``.
+
+Starts ``atman-vllm serve`` as a subprocess on a free loopback port, waits
+until its health check says SERVING, sends one Explain through
+``AtmanClient``, prints the highlighted prompt and the JSON result, then
+sends SIGTERM and checks that the server exited with status 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import TextIO
+
+from rich.console import Console
+
+from atman_vllm.cli.render import render_explanation
+from atman_vllm.client import AtmanClient, AtmanError
+
+DEMO_PROMPT = "Otto lives in Lisbon. Mira works as a pilot. Otto owns a cat. Q: What is the job of Mira? A:"
+DEMO_TARGET = " pilot"
+START_TIMEOUT_S = 600  # engine start on a 2-core CPU machine takes up to a minute; be generous
+STOP_TIMEOUT_S = 120
+
+
+class ReadyLine:
+    """Watches a server's stdout for its ``{"event": "ready", ...}`` line.
+
+    The other stdout lines are vLLM's log; the thread keeps reading them from
+    the moment the server starts, so the server never blocks on a full pipe.
+    """
+
+    def __init__(self, process: subprocess.Popen, sink: TextIO | None = None):
+        self.found: dict = {}
+        self._done = threading.Event()
+        threading.Thread(target=self._pump, args=(process.stdout, sink), daemon=True).start()
+
+    def _pump(self, stdout, sink: TextIO | None) -> None:
+        for line in stdout:
+            if sink is not None:  # keep vLLM's log (on stdout) next to ours
+                sink.write(line)
+                sink.flush()
+            if not self.found and line.startswith('{"event": "ready"'):
+                self.found.update(json.loads(line))
+                self._done.set()
+        self._done.set()  # stdout closed: the server exited
+
+    def wait(self, timeout_s: float) -> dict:
+        if not self._done.wait(timeout_s) or not self.found:
+            raise RuntimeError("the server did not become ready")
+        return self.found
+
+
+def wait_serving(client: AtmanClient, timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            if client.health(timeout=5) == "SERVING":
+                return
+        except AtmanError:
+            pass
+        if time.monotonic() > deadline:
+            raise RuntimeError("health check never reported SERVING")
+        time.sleep(0.2)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default=None, help="model directory (default: the embedded default model)")
+    parser.add_argument("--prompt", default=DEMO_PROMPT)
+    parser.add_argument("--target", default=DEMO_TARGET)
+    parser.add_argument("--granularity", default="word")
+    args = parser.parse_args(argv)
+
+    console = Console()
+    command = [sys.executable, "-m", "atman_server.cli", "--grpc-port", "0", "--enforce-eager"]
+    if args.model:
+        command += ["--model", args.model]
+    log_file = tempfile.NamedTemporaryFile("w", prefix="atman-serve-", suffix=".log", delete=False)
+    console.print(f"[dim]starting: {' '.join(command)}  (server log: {log_file.name})[/dim]")
+    server = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        ready = ReadyLine(server, sink=log_file).wait(START_TIMEOUT_S)
+        with AtmanClient(ready["grpc"], timeout=120) as client:
+            wait_serving(client, 60)
+            console.print(f"[dim]server {ready['grpc']} is SERVING model {ready['model']}[/dim]")
+            result = client.explain(args.prompt, args.target, granularity=args.granularity)
+        render_explanation(result, console)
+        print(json.dumps(result.to_dict(), indent=2))
+    except Exception as exc:
+        console.print(f"[red]demo failed: {exc}[/red]; last lines of {log_file.name}:")
+        console.print("\n".join(Path(log_file.name).read_text().splitlines()[-20:]), markup=False)
+        server.kill()
+        server.wait()
+        return 1
+    server.send_signal(signal.SIGTERM)
+    try:
+        status = server.wait(STOP_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        server.kill()
+        console.print(f"[red]the server did not stop within {STOP_TIMEOUT_S} s of SIGTERM[/red]")
+        return 1
+    if status != 0:
+        console.print(f"[red]the server exited with status {status} after SIGTERM[/red]")
+        return 1
+    console.print("[green]server stopped cleanly after SIGTERM (exit status 0)[/green]")
+    Path(log_file.name).unlink()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,137 @@
+"""One process, one event loop, one engine: gRPC and (optionally) HTTP on it.
+
+Start-up prints one JSON line ``{"event": "ready", ...}`` on stdout with the
+bound addresses (ports may be 0 = any free port), which the demo and the
+tests wait for. SIGTERM or SIGINT: health goes NOT_SERVING, both servers stop
+accepting, running calls get the grace period to finish, the rest are
+cancelled (their forks aborted), the engine shuts down, exit status 0.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import signal
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .grpc_service import GrpcServer
+from .limits import (
+    DEFAULT_MAX_CONCURRENT_EXPLAINS,
+    DEFAULT_MAX_GENERATE_TOKENS,
+    DEFAULT_MAX_MESSAGE_BYTES,
+    DEFAULT_MAX_UNITS,
+    ServiceLimits,
+)
+from .metrics import ServiceMetrics
+from .service import AtmanService, request_log
+
+log = logging.getLogger("atman_server")
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    model: str
+    engine_args: dict = field(default_factory=dict)
+    host: str = "127.0.0.1"
+    grpc_port: int = 50051
+    openai: bool = False
+    http_port: int = 8000
+    metrics_port: int | None = None
+    max_explain_tokens: int | None = None  # None: the engine's max_model_len
+    max_units: int = DEFAULT_MAX_UNITS
+    max_concurrent_explains: int = DEFAULT_MAX_CONCURRENT_EXPLAINS
+    max_generate_tokens: int = DEFAULT_MAX_GENERATE_TOKENS
+    max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
+    auth_token: str | None = None
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    grace_s: float = 30.0
+    log_prompts: bool = False
+    chat_template: str | None = None
+
+
+def _limits(config: ServeConfig, max_model_len: int) -> ServiceLimits:
+    max_tokens = min(config.max_explain_tokens or max_model_len, max_model_len)
+    return ServiceLimits(max_explain_tokens=max_tokens, max_units=config.max_units,
+                         max_concurrent_explains=config.max_concurrent_explains,
+                         max_generate_tokens=config.max_generate_tokens,
+                         max_message_bytes=config.max_message_bytes)
+
+
+def _announce(**addresses) -> None:
+    print(json.dumps({"event": "ready", **addresses}), flush=True)
+
+
+async def serve(config: ServeConfig) -> int:
+    from atman_vllm.api import AsyncAtmanLLM
+
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+
+    tls_files = (str(config.tls_cert), str(config.tls_key)) if config.tls_cert else None
+    tls_bytes = (config.tls_cert.read_bytes(), config.tls_key.read_bytes()) if config.tls_cert else None
+
+    llm = AsyncAtmanLLM.from_engine_args(config.model, **config.engine_args)
+    grpc_server = http_server = metrics_server = None
+    try:
+        limits = _limits(config, llm.vllm_config.model_config.max_model_len)
+        service = AtmanService(llm, limits, metrics=ServiceMetrics(), log_prompts=config.log_prompts)
+        grpc_server = GrpcServer(service, host=config.host, port=config.grpc_port,
+                                 max_message_bytes=limits.max_message_bytes,
+                                 auth_token=config.auth_token, tls=tls_bytes)
+        await grpc_server.start()
+        addresses = {"grpc": f"{config.host}:{grpc_server.port}", "tls": tls_files is not None,
+                     "model": llm.model_name}
+        if config.openai:
+            from .http_app import HttpServer, build_openai_app
+
+            app = await build_openai_app(llm, service, auth_token=config.auth_token,
+                                         chat_template=config.chat_template)
+            http_server = HttpServer(app, config.host, config.http_port, tls=tls_files)
+            await http_server.start()
+            addresses["http"] = f"{config.host}:{http_server.port}"
+        if config.metrics_port is not None:
+            from prometheus_client import start_http_server
+
+            cert, key = tls_files or (None, None)
+            metrics_server, _ = start_http_server(config.metrics_port, addr=config.host, certfile=cert, keyfile=key)
+            addresses["metrics"] = f"{config.host}:{metrics_server.server_port}"
+        _announce(**addresses)
+        log.info("serving %s", json.dumps(addresses))
+
+        await stop.wait()
+        log.info("shutting down: %.1f s grace for running calls", config.grace_s)
+        stops = [grpc_server.stop(config.grace_s)]
+        if http_server is not None:
+            stops.append(http_server.stop(config.grace_s))
+        await asyncio.gather(*stops)
+    finally:
+        if metrics_server is not None:
+            metrics_server.shutdown()
+        llm.shutdown()
+    log.info("stopped")
+    return 0
+
+
+def _configure_logging() -> None:
+    """Our own handlers: vLLM configures the root logger its way before we run."""
+    service_handler = logging.StreamHandler(sys.stderr)
+    service_handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
+    log.addHandler(service_handler)
+    log.setLevel(logging.INFO)
+    log.propagate = False
+    # One bare JSON object per line, so log shippers can parse the request log as is.
+    json_handler = logging.StreamHandler(sys.stderr)
+    json_handler.setFormatter(logging.Formatter("%(message)s"))
+    request_log.addHandler(json_handler)
+    request_log.propagate = False
+
+
+def run(config: ServeConfig) -> int:
+    _configure_logging()
+    return asyncio.run(serve(config))
