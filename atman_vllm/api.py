@@ -194,14 +194,16 @@ class AsyncAtmanLLM(_AtmanEngineMixin):
         engine = AsyncLLM.from_engine_args(AsyncEngineArgs(**_engine_kwargs(model, engine_args)))
         return cls(engine, model)
 
-    def plan_size(self, request: ExplainRequest) -> tuple[int, int]:
-        """(number of tokens, number of units) of a request, validating it."""
-        if not request.target:
-            from atman_vllm.core import encode_prompt
+    async def plan_async(self, request: ExplainRequest):
+        """``plan`` in a worker thread: planning a long token-granularity request
+        (with κ) takes long enough to stall every other call on the event loop."""
+        return await asyncio.to_thread(self.plan, request)
 
-            return len(encode_prompt(self.tokenizer, request.prompt).token_ids), 0
-        plan = self.plan(request)
-        return len(plan.encoded.token_ids), len(plan.jobs) - 1
+    def prompt_tokens(self, prompt: str) -> int:
+        """Tokens of a prompt as the engine sees it (with BOS), validating it."""
+        from atman_vllm.core import encode_prompt
+
+        return len(encode_prompt(self.tokenizer, prompt).token_ids)
 
     async def _run_fork(self, index: int, job: ForkJob, request_id: str) -> tuple[int, ForkResult]:
         from .vllm.forks import fork_request, fork_result
@@ -212,9 +214,10 @@ class AsyncAtmanLLM(_AtmanEngineMixin):
             final = out
         return index, fork_result(job, final)
 
-    async def explain(self, request: ExplainRequest, *, request_id: str | None = None,
+    async def explain(self, request: ExplainRequest, *, plan=None, request_id: str | None = None,
                       on_progress: Callable[[int, int], None] | None = None, max_tokens: int = 32) -> ExplainResult:
         """Explain one request. An empty target means: generate greedily, then explain that.
+        ``plan``: the request's ``plan_async`` result, when the caller already has it.
 
         Cancelling the awaiting task aborts every fork still running.
         """
@@ -229,7 +232,9 @@ class AsyncAtmanLLM(_AtmanEngineMixin):
             if not completion:
                 raise InvalidRequestError("target", "the model generated an empty completion to explain")
             request = ExplainRequest(request.prompt, completion, request.options)
-        plan = self.plan(request)
+            plan = None
+        if plan is None:
+            plan = await self.plan_async(request)
         jobs = plan.jobs
         results: list[ForkResult | None] = [None] * len(jobs)
         done = 0

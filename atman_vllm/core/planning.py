@@ -78,6 +78,14 @@ class ExplainPlan:
     options: ExplainOptions  # validated and resolved (no "auto")
     jobs: list[ForkJob]  # jobs[0]: unperturbed; then one per unit, prompt units then target units
 
+    @property
+    def num_tokens(self) -> int:
+        return len(self.encoded.token_ids)
+
+    @property
+    def num_units(self) -> int:
+        return len(self.jobs) - 1
+
     def finish(self, results: Sequence[ForkResult], elapsed_s: float) -> ExplainResult:
         """Score the backend's results (one per job, same order) into the JSON-contract result."""
         if len(results) != len(self.jobs):
