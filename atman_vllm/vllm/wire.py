@@ -9,6 +9,7 @@ sides, so this module imports nothing from vLLM.
 from __future__ import annotations
 
 import hashlib
+import json
 from dataclasses import dataclass
 
 from atman_vllm.core.options import Mode
@@ -32,6 +33,10 @@ class AtmanRequestInfo:
     target_start: int | None = None
     nonce: str = ""
 
+    def to_json(self) -> str:
+        """The payload as JSON text: what ``vllm_xargs`` of an OpenAI-compatible request can carry."""
+        return json.dumps(self.to_extra_args()[EXTRA_ARGS_KEY])
+
     def to_extra_args(self) -> dict:
         d: dict = {}
         if self.bias is not None:
@@ -46,6 +51,8 @@ class AtmanRequestInfo:
         if not extra_args or EXTRA_ARGS_KEY not in extra_args:
             return None
         d = extra_args[EXTRA_ARGS_KEY]
+        if isinstance(d, str):  # OpenAI-compatible requests carry it as JSON text in vllm_xargs
+            d = json.loads(d)
         bias = KeyBias.from_wire(d["bias"]) if d.get("bias") else None
         if bias is not None and bias.is_identity:
             bias = None  # factor 1 everywhere is the stock computation; share the cache freely
