@@ -21,7 +21,21 @@ search recovers it, so the host never reads ``query_start_loc`` (no sync).
 Bias modes (``BIAS_MODE``): 0 none, 1 log-additive (``S += log f`` read from a
 dense per-sequence row of log-factors), 2 multiplicative (see
 ``_merge_biased_keys``).
+
+Two kernels launch on the same grid: ``paged_attention_key_bias_kernel``
+(the tile loop; in split-KV mode it writes per-segment partials) and
+``merge_segments_kernel`` (split-KV only: combines the partials). What they
+both do is written once, in the ``@triton.jit`` helpers below, which Triton
+inlines: locating the program and its rows, the Q load and output store,
+scoring keys gathered through the block table, the causal mask, the online
+softmax, the multiplicative pass over the biased keys and the partials'
+layout. ``QBlock`` and ``PagedKV`` bundle the per-program values those
+helpers take: Triton passes named tuples through ``@triton.jit`` calls (and
+the interpreter runs them as plain Python), and they compile to the same
+code as separate arguments.
 """
+
+from typing import NamedTuple
 
 import triton
 import triton.language as tl
@@ -29,6 +43,36 @@ import triton.language as tl
 BIAS_NONE = 0
 BIAS_LOG_ADDITIVE = 1
 BIAS_MULTIPLICATIVE = 2
+
+
+class QBlock(NamedTuple):
+    """The rows one program computes: row ``r`` is query position
+    ``q_block * BLOCK_Q + r // G`` of sequence ``seq``, query head
+    ``kv_head * G + r % G`` (``G = QUERIES_PER_KV``)."""
+
+    seq_len: tl.tensor  # scalar: the sequence's length, cached + new tokens
+    token: tl.tensor  # [BLOCK_M] int64: row of query / out
+    head: tl.tensor  # [BLOCK_M]: query head
+    pos: tl.tensor  # [BLOCK_M]: absolute position; the row sees keys 0..pos
+    valid: tl.tensor  # [BLOCK_M]: False on spare rows and rows past the sequence's queries
+    dims: tl.tensor  # [HEAD_SIZE_PADDED]
+    dim_valid: tl.tensor  # [HEAD_SIZE_PADDED]: dims < HEAD_SIZE
+
+
+class PagedKV(NamedTuple):
+    """One sequence's keys and values for one KV head, in vLLM's paged cache."""
+
+    key_cache_ptr: tl.tensor
+    value_cache_ptr: tl.tensor
+    block_table_row: tl.tensor  # &block_table[seq, 0]
+    kv_head: tl.tensor
+    stride_k_blk: tl.tensor
+    stride_k_slot: tl.tensor
+    stride_k_head: tl.tensor
+    stride_v_blk: tl.tensor
+    stride_v_slot: tl.tensor
+    stride_v_head: tl.tensor
+    BLOCK_SIZE: tl.constexpr
 
 
 @triton.jit
@@ -39,6 +83,14 @@ def _dot(a, b, IEEE_DOT: tl.constexpr):
         return tl.dot(a, b, input_precision="ieee")
     else:
         return tl.dot(a, b)
+
+
+@triton.jit
+def _csr_range(start_loc_ptr, seq):
+    """Sequence ``seq``'s slice ``[lo, hi)`` of a CSR offsets array."""
+    lo = tl.load(start_loc_ptr + seq)
+    hi = tl.load(start_loc_ptr + seq + 1)
+    return lo, hi
 
 
 @triton.jit
@@ -57,15 +109,59 @@ def _find_sequence(query_start_loc_ptr, q_block_global, num_seqs, BLOCK_Q: tl.co
 
 
 @triton.jit
-def _load_keys_values(
+def _locate_program(query_start_loc_ptr, num_seqs, BLOCK_Q: tl.constexpr):
+    """Where this program sits (grid axes 0 and 1): its sequence, that
+    sequence's query rows ``q_start .. q_start + q_len``, the index of this
+    program's q-block among them, and its KV head. A program of the grid's
+    spare upper bound gets ``q_block * BLOCK_Q >= q_len`` and must return at
+    once."""
+    q_block_global = tl.program_id(0)
+    kv_head = tl.program_id(1)
+    seq = _find_sequence(query_start_loc_ptr, q_block_global, num_seqs, BLOCK_Q)
+    q_start, q_end = _csr_range(query_start_loc_ptr, seq)
+    q_len = q_end - q_start
+    q_block = q_block_global - (q_start // BLOCK_Q + seq)
+    return seq, q_start, q_len, q_block, kv_head
+
+
+@triton.jit
+def _q_block_rows(
+    seq_lens_ptr,
+    seq,
+    q_start,
+    q_len,
+    q_block,
+    kv_head,
+    QUERIES_PER_KV: tl.constexpr,
+    HEAD_SIZE: tl.constexpr,
+    HEAD_SIZE_PADDED: tl.constexpr,
+    BLOCK_Q: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+):
+    """The ``QBlock`` of a live program (see ``_locate_program``)."""
+    seq_len = tl.load(seq_lens_ptr + seq)
+    context_len = seq_len - q_len
+    rows = tl.arange(0, BLOCK_M)
+    row_query = q_block * BLOCK_Q + rows // QUERIES_PER_KV
+    row_head = kv_head * QUERIES_PER_KV + rows % QUERIES_PER_KV
+    # Rows past BLOCK_Q*G (when G does not divide BLOCK_M) would duplicate
+    # the next q-block's first row: masked off.
+    row_valid = (rows < BLOCK_Q * QUERIES_PER_KV) & (row_query < q_len)
+    row_pos = context_len + row_query
+    row_token = (q_start + row_query).to(tl.int64)
+    dims = tl.arange(0, HEAD_SIZE_PADDED)
+    dim_valid = dims < HEAD_SIZE
+    return QBlock(seq_len, row_token, row_head, row_pos, row_valid, dims, dim_valid)
+
+
+@triton.jit
+def _paged_kv(
     key_cache_ptr,
     value_cache_ptr,
-    block_table_row_ptr,
-    positions,
-    valid,
+    block_table_ptr,
+    stride_bt_seq,
+    seq,
     kv_head,
-    dims,
-    dim_valid,
     stride_k_blk,
     stride_k_slot,
     stride_k_head,
@@ -74,26 +170,107 @@ def _load_keys_values(
     stride_v_head,
     BLOCK_SIZE: tl.constexpr,
 ):
-    """K as [HEAD_SIZE_PADDED, n] and V as [n, HEAD_SIZE_PADDED] for the given
-    absolute key positions (any order; a tile or a gathered bias chunk)."""
-    block = tl.load(block_table_row_ptr + positions // BLOCK_SIZE, mask=valid, other=0).to(tl.int64)
-    slot = positions % BLOCK_SIZE
-    # Integer offsets summed first, one pointer add per tile (64-bit offsets:
-    # large caches overflow int32).
-    k_offsets = block[None, :] * stride_k_blk + slot[None, :] * stride_k_slot + kv_head * stride_k_head + dims[:, None]
-    K = tl.load(key_cache_ptr + k_offsets, mask=dim_valid[:, None] & valid[None, :], other=0.0)
-    v_offsets = block[:, None] * stride_v_blk + slot[:, None] * stride_v_slot + kv_head * stride_v_head + dims[None, :]
-    V = tl.load(value_cache_ptr + v_offsets, mask=valid[:, None] & dim_valid[None, :], other=0.0)
-    return K, V
+    """The ``PagedKV`` of sequence ``seq`` and one KV head."""
+    block_table_row = block_table_ptr + seq.to(tl.int64) * stride_bt_seq
+    return PagedKV(
+        key_cache_ptr, value_cache_ptr, block_table_row, kv_head,
+        stride_k_blk, stride_k_slot, stride_k_head, stride_v_blk, stride_v_slot, stride_v_head,
+        BLOCK_SIZE,
+    )  # fmt: skip
 
 
 @triton.jit
-def _online_softmax_update(S, V, M, L, acc, IEEE_DOT: tl.constexpr):
-    """Fold one block of scores S [BLOCK_M, n] (-inf = not attended) into the
-    running max M, normaliser L and unnormalised output acc."""
+def _row_pointers(base_ptr, q, stride_tok, stride_head):
+    """Pointers to the rows' [BLOCK_M, HEAD_SIZE_PADDED] elements of a
+    [num_tokens, num_heads, head_size] tensor (query or out)."""
+    return base_ptr + q.token[:, None] * stride_tok + q.head[:, None] * stride_head + q.dims[None, :]
+
+
+@triton.jit
+def _load_queries(query_ptr, q, stride_q_tok, stride_q_head):
+    """Q [BLOCK_M, HEAD_SIZE_PADDED], zero on masked rows and dims."""
+    return tl.load(
+        _row_pointers(query_ptr, q, stride_q_tok, stride_q_head),
+        mask=q.valid[:, None] & q.dim_valid[None, :],
+        other=0.0,
+    )
+
+
+@triton.jit
+def _store_output(out_ptr, acc, L, q, stride_o_tok, stride_o_head):
+    """Normalise the finished rows and write them."""
+    # L == 0 only on padding rows (never stored); avoid 0/0 there.
+    out = acc / tl.where(L > 0.0, L, 1.0)[:, None]
+    tl.store(
+        _row_pointers(out_ptr, q, stride_o_tok, stride_o_head),
+        out.to(out_ptr.dtype.element_ty),
+        mask=q.valid[:, None] & q.dim_valid[None, :],
+    )
+
+
+@triton.jit
+def _load_bias_chunk(bias_positions_ptr, bias_values_ptr, start, hi, CHUNK: tl.constexpr):
+    """CSR entries ``start .. start + CHUNK`` that lie before ``hi``:
+    (positions, log-factors, in_list)."""
+    idx = start + tl.arange(0, CHUNK)
+    in_list = idx < hi
+    pos = tl.load(bias_positions_ptr + idx, mask=in_list, other=0)
+    log_f = tl.load(bias_values_ptr + idx, mask=in_list, other=0.0)
+    return pos, log_f, in_list
+
+
+@triton.jit
+def _scores_and_values(Q, kv, positions, valid, q, scale, IEEE_DOT: tl.constexpr):
+    """Scores ``S = scale * Q K^T`` [BLOCK_M, n] and V [n, HEAD_SIZE_PADDED]
+    for the given absolute key positions (any order: a tile or a gathered
+    bias chunk); keys with ``valid`` False are not read."""
+    block = tl.load(kv.block_table_row + positions // kv.BLOCK_SIZE, mask=valid, other=0).to(tl.int64)
+    slot = positions % kv.BLOCK_SIZE
+    # Integer offsets summed first, one pointer add per tile (64-bit offsets:
+    # large caches overflow int32).
+    k_offsets = (
+        block[None, :] * kv.stride_k_blk + slot[None, :] * kv.stride_k_slot + kv.kv_head * kv.stride_k_head
+        + q.dims[:, None]
+    )  # fmt: skip
+    K = tl.load(kv.key_cache_ptr + k_offsets, mask=q.dim_valid[:, None] & valid[None, :], other=0.0)
+    v_offsets = (
+        block[:, None] * kv.stride_v_blk + slot[:, None] * kv.stride_v_slot + kv.kv_head * kv.stride_v_head
+        + q.dims[None, :]
+    )  # fmt: skip
+    V = tl.load(kv.value_cache_ptr + v_offsets, mask=valid[:, None] & q.dim_valid[None, :], other=0.0)
+    S = _dot(Q, K, IEEE_DOT) * scale
+    return S, V
+
+
+@triton.jit
+def _causally_visible(q, key_pos, key_valid):
+    """[BLOCK_M, n]: which keys each row attends (causal, real rows and keys only)."""
+    return q.valid[:, None] & key_valid[None, :] & (key_pos[None, :] <= q.pos[:, None])
+
+
+@triton.jit
+def _initial_row_state(BLOCK_M: tl.constexpr, HEAD_SIZE_PADDED: tl.constexpr):
+    """Per-row state before any key is folded in: running max M, normaliser
+    L, unnormalised output acc, and (multiplicative mode) the row minimum of
+    the raw scores."""
+    M = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    L = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_SIZE_PADDED], dtype=tl.float32)
+    row_min = tl.full([BLOCK_M], float("inf"), dtype=tl.float32)
+    return M, L, acc, row_min
+
+
+@triton.jit
+def _online_softmax_update(S, visible, V, M, L, acc, IEEE_DOT: tl.constexpr):
+    """Fold one block of scores S [BLOCK_M, n], of which only the ``visible``
+    ones are attended, into the running max M, normaliser L and
+    unnormalised output acc."""
+    S = tl.where(visible, S, float("-inf"))
     m_new = tl.maximum(M, tl.max(S, axis=1))
     # A row that has seen only masked keys keeps m = -inf; shift by 0 instead
-    # so exp() gives 0 rather than NaN.
+    # so exp() gives 0 rather than NaN. (merge_segments_kernel repeats these
+    # two lines: as a helper, the debug-scope label Triton's inlining leaves
+    # here in the PTX cost the fp32 split kernels 4-7 registers in ptxas.)
     m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
     P = tl.exp(S - m_ref[:, None])
     alpha = tl.exp(M - m_ref)
@@ -109,27 +286,13 @@ def _merge_biased_keys(
     L,
     acc,
     row_min,
-    row_pos,
-    row_valid,
-    seq_len,
+    q,
+    kv,
     bias_lo,
     bias_hi,
     bias_positions_ptr,
     bias_values_ptr,
-    key_cache_ptr,
-    value_cache_ptr,
-    block_table_row_ptr,
-    kv_head,
-    dims,
-    dim_valid,
     scale,
-    stride_k_blk,
-    stride_k_slot,
-    stride_k_head,
-    stride_v_blk,
-    stride_v_slot,
-    stride_v_head,
-    BLOCK_SIZE: tl.constexpr,
     BIAS_CHUNK: tl.constexpr,
     IEEE_DOT: tl.constexpr,
 ):
@@ -142,41 +305,34 @@ def _merge_biased_keys(
     nnz extra key reads and dot products per q-block, instead of a second
     full pass over the sequence to find m_q first.
     """
-    chunk = tl.arange(0, BIAS_CHUNK)
     # m_q is +inf only on padding rows; keep the arithmetic finite there.
     m = tl.where(row_min == float("inf"), 0.0, row_min)
     for start in range(bias_lo, bias_hi, BIAS_CHUNK):
-        idx = start + chunk
-        in_list = idx < bias_hi
-        pos = tl.load(bias_positions_ptr + idx, mask=in_list, other=0)
-        log_f = tl.load(bias_values_ptr + idx, mask=in_list, other=0.0)
+        pos, log_f, in_list = _load_bias_chunk(bias_positions_ptr, bias_values_ptr, start, bias_hi, BIAS_CHUNK)
         # Same rule as the tile loop's exclusion (log f != 0), so every key is
         # counted exactly once.
-        use = in_list & (log_f != 0.0) & (pos >= 0) & (pos < seq_len)
-        K, V = _load_keys_values(
-            key_cache_ptr,
-            value_cache_ptr,
-            block_table_row_ptr,
-            pos,
-            use,
-            kv_head,
-            dims,
-            dim_valid,
-            stride_k_blk,
-            stride_k_slot,
-            stride_k_head,
-            stride_v_blk,
-            stride_v_slot,
-            stride_v_head,
-            BLOCK_SIZE,
-        )
-        S = _dot(Q, K, IEEE_DOT) * scale
+        use = in_list & (log_f != 0.0) & (pos >= 0) & (pos < q.seq_len)
+        S, V = _scores_and_values(Q, kv, pos, use, q, scale, IEEE_DOT)
         f = tl.exp(log_f)
         S = m[:, None] + f[None, :] * (S - m[:, None])
-        visible = row_valid[:, None] & use[None, :] & (pos[None, :] <= row_pos[:, None])
-        S = tl.where(visible, S, float("-inf"))
-        M, L, acc = _online_softmax_update(S, V, M, L, acc, IEEE_DOT)
+        M, L, acc = _online_softmax_update(S, _causally_visible(q, pos, use), V, M, L, acc, IEEE_DOT)
     return M, L, acc
+
+
+# Split-KV partials are laid out [token, head, segment]; acc has
+# HEAD_SIZE_PADDED more elements per entry.
+
+
+@triton.jit
+def _partial_index(q, segment, NUM_HEADS: tl.constexpr, NUM_SEGMENTS: tl.constexpr):
+    """[BLOCK_M]: this program's rows' entries for one segment."""
+    return (q.token * NUM_HEADS + q.head) * NUM_SEGMENTS + segment
+
+
+@triton.jit
+def _partial_acc_pointers(part_acc_ptr, part, q, HEAD_SIZE_PADDED: tl.constexpr):
+    """[BLOCK_M, HEAD_SIZE_PADDED]: where those entries' acc rows are."""
+    return part_acc_ptr + part[:, None] * HEAD_SIZE_PADDED + q.dims[None, :]
 
 
 @triton.jit
@@ -192,14 +348,10 @@ def scatter_log_factors_kernel(
     """Pre-pass: write each sequence's sparse (position, log f) list into its
     dense row. One program per sequence."""
     seq = tl.program_id(0)
-    lo = tl.load(bias_start_loc_ptr + seq)
-    hi = tl.load(bias_start_loc_ptr + seq + 1)
+    lo, hi = _csr_range(bias_start_loc_ptr, seq)
     row = log_factors_ptr + seq.to(tl.int64) * stride_lf_seq
     for start in range(lo, hi, CHUNK):
-        idx = start + tl.arange(0, CHUNK)
-        in_list = idx < hi
-        pos = tl.load(bias_positions_ptr + idx, mask=in_list, other=0)
-        val = tl.load(bias_values_ptr + idx, mask=in_list, other=0.0)
+        pos, val, in_list = _load_bias_chunk(bias_positions_ptr, bias_values_ptr, start, hi, CHUNK)
         tl.store(row + pos, val, mask=in_list & (pos >= 0) & (pos < width))
 
 
@@ -248,37 +400,16 @@ def paged_attention_key_bias_kernel(
     IS_SPLIT: tl.constexpr,
     IEEE_DOT: tl.constexpr,
 ):
-    q_block_global = tl.program_id(0)
-    kv_head = tl.program_id(1)
-
-    seq = _find_sequence(query_start_loc_ptr, q_block_global, num_seqs, BLOCK_Q)
-    q_start = tl.load(query_start_loc_ptr + seq)
-    q_len = tl.load(query_start_loc_ptr + seq + 1) - q_start
-    q_block = q_block_global - (q_start // BLOCK_Q + seq)
+    seq, q_start, q_len, q_block, kv_head = _locate_program(query_start_loc_ptr, num_seqs, BLOCK_Q)
     if q_block * BLOCK_Q >= q_len:
         return
-    seq_len = tl.load(seq_lens_ptr + seq)
-    context_len = seq_len - q_len
+    q = _q_block_rows(
+        seq_lens_ptr, seq, q_start, q_len, q_block, kv_head,
+        QUERIES_PER_KV, HEAD_SIZE, HEAD_SIZE_PADDED, BLOCK_Q, BLOCK_M,
+    )  # fmt: skip
+    Q = _load_queries(query_ptr, q, stride_q_tok, stride_q_head)
 
-    # Row r of the program: query position q_block*BLOCK_Q + r // G, head
-    # kv_head*G + r % G. Rows past BLOCK_Q*G (when G does not divide
-    # BLOCK_M) would duplicate the next q-block's first row: masked off.
-    rows = tl.arange(0, BLOCK_M)
-    row_query = q_block * BLOCK_Q + rows // QUERIES_PER_KV
-    row_head = kv_head * QUERIES_PER_KV + rows % QUERIES_PER_KV
-    row_valid = (rows < BLOCK_Q * QUERIES_PER_KV) & (row_query < q_len)
-    row_pos = context_len + row_query  # absolute position: sees keys 0..row_pos
-    row_token = (q_start + row_query).to(tl.int64)
-    dims = tl.arange(0, HEAD_SIZE_PADDED)
-    dim_valid = dims < HEAD_SIZE
-
-    Q = tl.load(
-        query_ptr + row_token[:, None] * stride_q_tok + row_head[:, None] * stride_q_head + dims[None, :],
-        mask=row_valid[:, None] & dim_valid[None, :],
-        other=0.0,
-    )
-
-    num_keys = context_len + tl.minimum(q_block * BLOCK_Q + BLOCK_Q, q_len)
+    num_keys = q.seq_len - q_len + tl.minimum(q_block * BLOCK_Q + BLOCK_Q, q_len)
     num_tiles = tl.cdiv(num_keys, TILE_SIZE)
     if IS_SPLIT:
         segment = tl.program_id(2)
@@ -290,10 +421,12 @@ def paged_attention_key_bias_kernel(
         tile_lo = 0
         tile_hi = num_tiles
 
-    block_table_row = block_table_ptr + seq.to(tl.int64) * stride_bt_seq
+    kv = _paged_kv(
+        key_cache_ptr, value_cache_ptr, block_table_ptr, stride_bt_seq, seq, kv_head,
+        stride_k_blk, stride_k_slot, stride_k_head, stride_v_blk, stride_v_slot, stride_v_head, BLOCK_SIZE,
+    )  # fmt: skip
     if BIAS_MODE != 0:
-        bias_lo = tl.load(bias_start_loc_ptr + seq)
-        bias_hi = tl.load(bias_start_loc_ptr + seq + 1)
+        bias_lo, bias_hi = _csr_range(bias_start_loc_ptr, seq)
         seq_has_bias = bias_hi > bias_lo
         log_factor_row = log_factors_ptr + seq.to(tl.int64) * stride_lf_seq
         # Keys whose log-factor is read: none for a sequence without entries
@@ -301,97 +434,42 @@ def paged_attention_key_bias_kernel(
         # `key_valid & seq_has_bias`, which Triton's interpreter rejects.
         biased_keys_end = tl.where(seq_has_bias, num_keys, 0)
 
-    M = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
-    L = tl.zeros([BLOCK_M], dtype=tl.float32)
-    acc = tl.zeros([BLOCK_M, HEAD_SIZE_PADDED], dtype=tl.float32)
-    row_min = tl.full([BLOCK_M], float("inf"), dtype=tl.float32)
+    M, L, acc, row_min = _initial_row_state(BLOCK_M, HEAD_SIZE_PADDED)
     tile_keys = tl.arange(0, TILE_SIZE)
 
     for tile in range(tile_lo, tile_hi):
         key_pos = tile * TILE_SIZE + tile_keys
         key_valid = key_pos < num_keys
-        K, V = _load_keys_values(
-            key_cache_ptr,
-            value_cache_ptr,
-            block_table_row,
-            key_pos,
-            key_valid,
-            kv_head,
-            dims,
-            dim_valid,
-            stride_k_blk,
-            stride_k_slot,
-            stride_k_head,
-            stride_v_blk,
-            stride_v_slot,
-            stride_v_head,
-            BLOCK_SIZE,
-        )
-        S = _dot(Q, K, IEEE_DOT) * scale
-        visible = row_valid[:, None] & key_valid[None, :] & (key_pos[None, :] <= row_pos[:, None])
-        if BIAS_MODE == 1:
+        S, V = _scores_and_values(Q, kv, key_pos, key_valid, q, scale, IEEE_DOT)
+        visible = _causally_visible(q, key_pos, key_valid)
+        if BIAS_MODE == 2:
+            # m_q: the minimum raw score over every visible key, biased or not.
+            row_min = tl.minimum(row_min, tl.min(tl.where(visible, S, float("inf")), axis=1))
+        if BIAS_MODE != 0:
             log_f = tl.load(log_factor_row + key_pos, mask=key_pos < biased_keys_end, other=0.0)
+        if BIAS_MODE == 1:
             S = S + log_f[None, :]
         if BIAS_MODE == 2:
-            row_min = tl.minimum(row_min, tl.min(tl.where(visible, S, float("inf")), axis=1))
-            log_f = tl.load(log_factor_row + key_pos, mask=key_pos < biased_keys_end, other=0.0)
             # Biased keys need the final m_q; _merge_biased_keys adds them.
             visible = visible & (log_f == 0.0)[None, :]
-        S = tl.where(visible, S, float("-inf"))
-        M, L, acc = _online_softmax_update(S, V, M, L, acc, IEEE_DOT)
+        M, L, acc = _online_softmax_update(S, visible, V, M, L, acc, IEEE_DOT)
 
     if IS_SPLIT:
-        # Partials [token, head, segment]; merge_segments_kernel finishes.
-        part = (row_token * NUM_HEADS + row_head) * NUM_SEGMENTS + segment
-        tl.store(part_max_ptr + part, M, mask=row_valid)
-        tl.store(part_sum_ptr + part, L, mask=row_valid)
+        # merge_segments_kernel finishes the rows.
+        part = _partial_index(q, segment, NUM_HEADS, NUM_SEGMENTS)
+        tl.store(part_max_ptr + part, M, mask=q.valid)
+        tl.store(part_sum_ptr + part, L, mask=q.valid)
         if BIAS_MODE == 2:
-            tl.store(part_min_ptr + part, row_min, mask=row_valid)
-        tl.store(
-            part_acc_ptr + part[:, None] * HEAD_SIZE_PADDED + dims[None, :],
-            acc,
-            mask=row_valid[:, None],
-        )
+            tl.store(part_min_ptr + part, row_min, mask=q.valid)
+        tl.store(_partial_acc_pointers(part_acc_ptr, part, q, HEAD_SIZE_PADDED), acc, mask=q.valid[:, None])
     else:
         if BIAS_MODE == 2:
             if seq_has_bias:
                 M, L, acc = _merge_biased_keys(
-                    Q,
-                    M,
-                    L,
-                    acc,
-                    row_min,
-                    row_pos,
-                    row_valid,
-                    seq_len,
-                    bias_lo,
-                    bias_hi,
-                    bias_positions_ptr,
-                    bias_values_ptr,
-                    key_cache_ptr,
-                    value_cache_ptr,
-                    block_table_row,
-                    kv_head,
-                    dims,
-                    dim_valid,
-                    scale,
-                    stride_k_blk,
-                    stride_k_slot,
-                    stride_k_head,
-                    stride_v_blk,
-                    stride_v_slot,
-                    stride_v_head,
-                    BLOCK_SIZE,
-                    BIAS_CHUNK,
-                    IEEE_DOT,
-                )
-        # L == 0 only on padding rows (never stored); avoid 0/0 there.
-        out = acc / tl.where(L > 0.0, L, 1.0)[:, None]
-        tl.store(
-            out_ptr + row_token[:, None] * stride_o_tok + row_head[:, None] * stride_o_head + dims[None, :],
-            out.to(out_ptr.dtype.element_ty),
-            mask=row_valid[:, None] & dim_valid[None, :],
-        )
+                    Q, M, L, acc, row_min, q, kv, bias_lo, bias_hi, bias_positions_ptr, bias_values_ptr, scale,
+                    BIAS_CHUNK, IEEE_DOT,
+                )  # fmt: skip
+        _store_output(out_ptr, acc, L, q, stride_o_tok, stride_o_head)
 
 
 @triton.jit
@@ -439,92 +517,42 @@ def merge_segments_kernel(
     multiplicative mode, also the segments' row minima, then fold in the
     biased keys with the global m_q. Same grid and row mapping as the
     attention kernel."""
-    q_block_global = tl.program_id(0)
-    kv_head = tl.program_id(1)
-    seq = _find_sequence(query_start_loc_ptr, q_block_global, num_seqs, BLOCK_Q)
-    q_start = tl.load(query_start_loc_ptr + seq)
-    q_len = tl.load(query_start_loc_ptr + seq + 1) - q_start
-    q_block = q_block_global - (q_start // BLOCK_Q + seq)
+    seq, q_start, q_len, q_block, kv_head = _locate_program(query_start_loc_ptr, num_seqs, BLOCK_Q)
     if q_block * BLOCK_Q >= q_len:
         return
-    seq_len = tl.load(seq_lens_ptr + seq)
-    context_len = seq_len - q_len
+    q = _q_block_rows(
+        seq_lens_ptr, seq, q_start, q_len, q_block, kv_head,
+        QUERIES_PER_KV, HEAD_SIZE, HEAD_SIZE_PADDED, BLOCK_Q, BLOCK_M,
+    )  # fmt: skip
 
-    rows = tl.arange(0, BLOCK_M)
-    row_query = q_block * BLOCK_Q + rows // QUERIES_PER_KV
-    row_head = kv_head * QUERIES_PER_KV + rows % QUERIES_PER_KV
-    row_valid = (rows < BLOCK_Q * QUERIES_PER_KV) & (row_query < q_len)
-    row_pos = context_len + row_query
-    row_token = (q_start + row_query).to(tl.int64)
-    dims = tl.arange(0, HEAD_SIZE_PADDED)
-    dim_valid = dims < HEAD_SIZE
-
-    M = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
-    L = tl.zeros([BLOCK_M], dtype=tl.float32)
-    acc = tl.zeros([BLOCK_M, HEAD_SIZE_PADDED], dtype=tl.float32)
-    row_min = tl.full([BLOCK_M], float("inf"), dtype=tl.float32)
+    M, L, acc, row_min = _initial_row_state(BLOCK_M, HEAD_SIZE_PADDED)
     for segment in range(NUM_SEGMENTS):
-        part = (row_token * NUM_HEADS + row_head) * NUM_SEGMENTS + segment
-        seg_max = tl.load(part_max_ptr + part, mask=row_valid, other=float("-inf"))
-        seg_sum = tl.load(part_sum_ptr + part, mask=row_valid, other=0.0)
-        seg_acc = tl.load(
-            part_acc_ptr + part[:, None] * HEAD_SIZE_PADDED + dims[None, :],
-            mask=row_valid[:, None],
-            other=0.0,
-        )
+        part = _partial_index(q, segment, NUM_HEADS, NUM_SEGMENTS)
+        seg_max = tl.load(part_max_ptr + part, mask=q.valid, other=float("-inf"))
+        seg_sum = tl.load(part_sum_ptr + part, mask=q.valid, other=0.0)
+        seg_acc_ptrs = _partial_acc_pointers(part_acc_ptr, part, q, HEAD_SIZE_PADDED)
+        seg_acc = tl.load(seg_acc_ptrs, mask=q.valid[:, None], other=0.0)
         m_new = tl.maximum(M, seg_max)
-        m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
+        m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)  # as in _online_softmax_update
         alpha = tl.exp(M - m_ref)
         beta = tl.exp(seg_max - m_ref)
         L = L * alpha + seg_sum * beta
         acc = acc * alpha[:, None] + seg_acc * beta[:, None]
         M = m_new
         if BIAS_MODE == 2:
-            seg_min = tl.load(part_min_ptr + part, mask=row_valid, other=float("inf"))
+            seg_min = tl.load(part_min_ptr + part, mask=q.valid, other=float("inf"))
             row_min = tl.minimum(row_min, seg_min)
 
     if BIAS_MODE == 2:
-        bias_lo = tl.load(bias_start_loc_ptr + seq)
-        bias_hi = tl.load(bias_start_loc_ptr + seq + 1)
+        bias_lo, bias_hi = _csr_range(bias_start_loc_ptr, seq)
         if bias_hi > bias_lo:
-            Q = tl.load(
-                query_ptr + row_token[:, None] * stride_q_tok + row_head[:, None] * stride_q_head + dims[None, :],
-                mask=row_valid[:, None] & dim_valid[None, :],
-                other=0.0,
-            )
+            Q = _load_queries(query_ptr, q, stride_q_tok, stride_q_head)
+            kv = _paged_kv(
+                key_cache_ptr, value_cache_ptr, block_table_ptr, stride_bt_seq, seq, kv_head,
+                stride_k_blk, stride_k_slot, stride_k_head, stride_v_blk, stride_v_slot, stride_v_head, BLOCK_SIZE,
+            )  # fmt: skip
             M, L, acc = _merge_biased_keys(
-                Q,
-                M,
-                L,
-                acc,
-                row_min,
-                row_pos,
-                row_valid,
-                seq_len,
-                bias_lo,
-                bias_hi,
-                bias_positions_ptr,
-                bias_values_ptr,
-                key_cache_ptr,
-                value_cache_ptr,
-                block_table_ptr + seq.to(tl.int64) * stride_bt_seq,
-                kv_head,
-                dims,
-                dim_valid,
-                scale,
-                stride_k_blk,
-                stride_k_slot,
-                stride_k_head,
-                stride_v_blk,
-                stride_v_slot,
-                stride_v_head,
-                BLOCK_SIZE,
-                BIAS_CHUNK,
-                IEEE_DOT,
-            )
-    out = acc / tl.where(L > 0.0, L, 1.0)[:, None]
-    tl.store(
-        out_ptr + row_token[:, None] * stride_o_tok + row_head[:, None] * stride_o_head + dims[None, :],
-        out.to(out_ptr.dtype.element_ty),
-        mask=row_valid[:, None] & dim_valid[None, :],
-    )
+                Q, M, L, acc, row_min, q, kv, bias_lo, bias_hi, bias_positions_ptr, bias_values_ptr, scale,
+                BIAS_CHUNK, IEEE_DOT,
+            )  # fmt: skip
+    _store_output(out_ptr, acc, L, q, stride_o_tok, stride_o_head)
