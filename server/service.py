@@ -72,7 +72,7 @@ class ServerInfo:
     kv_block_size: int
 
 
-_CONTROL_FIELD_NAMES = {"mode": "control_mode", "kappa": "control_kappa", "overlap": "control_overlap"}
+CONTROL_FIELD_NAMES = {"mode": "control_mode", "kappa": "control_kappa", "overlap": "control_overlap"}
 
 
 def absolute_deadline(deadline_s: float | None) -> float | None:
@@ -299,7 +299,7 @@ class AtmanService:
                 emit(delta)
         except InvalidRequestError as exc:
             # The engine names control options by their Python API names.
-            field = _CONTROL_FIELD_NAMES.get(exc.field, exc.field)
+            field = CONTROL_FIELD_NAMES.get(exc.field, exc.field)
             raise invalid(field, exc.message) from exc
         return completion
 

@@ -28,7 +28,7 @@ from .correlation import correlated_factors
 from .options import InvalidRequestError, Mode, _enum, check_factor, check_kappa
 from .plan import KeyBias
 from .planning import EmbeddingRows, TokenSimilarity
-from .tokens import Tokenizer, encode_prompt
+from .tokens import EncodedPrompt, Tokenizer, encode_prompt
 
 
 class Overlap(str, Enum):
@@ -43,7 +43,7 @@ class Control:
     factor: float
 
 
-def _coerce(i: int, c: Any, prompt_length: int) -> Control:
+def _coerce(i: int, c: Any, text_length: int, text_name: str) -> Control:
     if isinstance(c, dict):
         c = Control(c.get("start"), c.get("length"), c.get("factor"))
     elif not isinstance(c, Control):
@@ -57,14 +57,88 @@ def _coerce(i: int, c: Any, prompt_length: int) -> Control:
             raise InvalidRequestError("controls", f"controls[{i}].{name} must be an integer, got {v!r}")
     if c.length <= 0:
         raise InvalidRequestError("controls", f"controls[{i}] is an empty span (length {c.length})")
-    if c.start < 0 or c.start + c.length > prompt_length:
+    if c.start < 0 or c.start + c.length > text_length:
         raise InvalidRequestError(
-            "controls", f"controls[{i}] span ({c.start}, {c.length}) lies outside the prompt (length {prompt_length})")
+            "controls", f"controls[{i}] span ({c.start}, {c.length}) lies outside {text_name} (length {text_length})")
     try:
         factor = check_factor(c.factor, "controls")
     except InvalidRequestError:
         raise InvalidRequestError("controls", f"controls[{i}].factor must be finite and > 0, got {c.factor!r}") from None
     return Control(c.start, c.length, factor)
+
+
+def check_controls(
+    controls: Sequence[Control | dict | tuple] | None,
+    text_length: int,
+    *,
+    text_name: str = "the prompt",
+    indices: Sequence[int] | None = None,
+) -> tuple[Control, ...]:
+    """The controls as ``Control``s inside a text of ``text_length`` characters, sorted by start.
+
+    Raises InvalidRequestError("controls") for a malformed control, a span
+    outside the text, a factor that is not finite and > 0, or overlapping
+    spans. ``indices`` are the controls' positions in the caller's request
+    (default 0, 1, ...), so messages point at the right one when a request's
+    controls are checked in groups (one group per chat message).
+    """
+    controls = list(controls or ())
+    indices = list(range(len(controls))) if indices is None else list(indices)
+    checked = sorted((_coerce(i, c, text_length, text_name) for i, c in zip(indices, controls)),
+                     key=lambda c: c.start)
+    for a, b in zip(checked, checked[1:]):
+        if b.start < a.start + a.length:
+            raise InvalidRequestError("controls", f"spans ({a.start}, {a.length}) and ({b.start}, {b.length}) overlap")
+    return tuple(checked)
+
+
+def controls_bias(
+    encoded: EncodedPrompt,
+    text: str,
+    controls: Sequence[Control],
+    mode: Mode | str = "log-additive",
+    kappa: float | None = None,
+    overlap: Overlap | str = "partial",
+    embedding_rows: EmbeddingRows | None = None,
+) -> KeyBias | None:
+    """The bias of ``controls`` (from ``check_controls``) over tokens already encoded from ``text``.
+
+    ``encoded.prompt_offsets`` are the char offsets into ``text`` of the
+    tokens from ``encoded.prompt_start`` on; the tokens before it (the BOS)
+    are never steered, not even through ``kappa``. Used by ``plan_controls``
+    and by callers whose token ids come from elsewhere (the HTTP server steers
+    a chat prompt rendered and tokenized by vLLM). None: no change.
+    """
+    mode = _enum(Mode, mode, "mode")
+    overlap = _enum(Overlap, overlap, "overlap")
+    kappa = check_kappa(kappa)
+    if not controls:
+        return None
+    base = encoded.prompt_start
+    candidates = tuple(range(base, len(encoded.token_ids)))
+    similarity = TokenSimilarity(encoded.token_ids, embedding_rows) if kappa is not None else None
+    factors = np.ones(len(encoded.token_ids))
+    for c in controls:
+        direct: dict[int, float] = {}
+        for i, (s, e) in enumerate(encoded.prompt_offsets):
+            covered = min(e, c.start + c.length) - max(s, c.start)
+            if covered > 0:
+                share = 1.0 if overlap is Overlap.COMPLETE else covered / (e - s)
+                direct[base + i] = 1.0 + (c.factor - 1.0) * share
+        if not direct:
+            raise InvalidRequestError("controls", f"span ({c.start}, {c.length}) {text[c.start:c.start + c.length]!r} "
+                                                  "covers no token")
+        reach = dict(direct)
+        if similarity is not None:
+            positions = sorted(direct)
+            correlated = correlated_factors(positions, candidates, similarity.between(positions, candidates), kappa, c.factor)
+            reach.update({k: f for k, f in correlated.items() if k not in direct})
+        for p, f in reach.items():
+            factors[p] *= f
+    positions = tuple(int(p) for p in np.flatnonzero(factors != 1.0))
+    if not positions:
+        return None
+    return KeyBias(positions, tuple(float(factors[p]) for p in positions), mode)
 
 
 def plan_controls(
@@ -81,35 +155,5 @@ def plan_controls(
     overlap = _enum(Overlap, overlap, "overlap")
     kappa = check_kappa(kappa)
     encoded = encode_prompt(tokenizer, prompt)
-    checked = sorted((_coerce(i, c, len(prompt)) for i, c in enumerate(controls or ())), key=lambda c: c.start)
-    for a, b in zip(checked, checked[1:]):
-        if b.start < a.start + a.length:
-            raise InvalidRequestError("controls", f"spans ({a.start}, {a.length}) and ({b.start}, {b.length}) overlap")
-    if not checked:
-        return encoded.token_ids, None
-
-    base = encoded.prompt_start
-    candidates = tuple(range(base, len(encoded.token_ids)))
-    similarity = TokenSimilarity(encoded.token_ids, embedding_rows) if kappa is not None else None
-    factors = np.ones(len(encoded.token_ids))
-    for c in checked:
-        direct: dict[int, float] = {}
-        for i, (s, e) in enumerate(encoded.prompt_offsets):
-            covered = min(e, c.start + c.length) - max(s, c.start)
-            if covered > 0:
-                share = 1.0 if overlap is Overlap.COMPLETE else covered / (e - s)
-                direct[base + i] = 1.0 + (c.factor - 1.0) * share
-        if not direct:
-            raise InvalidRequestError("controls", f"span ({c.start}, {c.length}) {prompt[c.start:c.start + c.length]!r} "
-                                                  "covers no token")
-        reach = dict(direct)
-        if similarity is not None:
-            positions = sorted(direct)
-            correlated = correlated_factors(positions, candidates, similarity.between(positions, candidates), kappa, c.factor)
-            reach.update({k: f for k, f in correlated.items() if k not in direct})
-        for p, f in reach.items():
-            factors[p] *= f
-    positions = tuple(int(p) for p in np.flatnonzero(factors != 1.0))
-    if not positions:
-        return encoded.token_ids, None
-    return encoded.token_ids, KeyBias(positions, tuple(float(factors[p]) for p in positions), mode)
+    checked = check_controls(controls, len(prompt))
+    return encoded.token_ids, controls_bias(encoded, prompt, checked, mode, kappa, overlap, embedding_rows)

@@ -43,8 +43,15 @@ def wait_idle(client, free_blocks: int):
     return wait_until(client, lambda i: i.explains_in_flight == 0 and i.free_kv_blocks == free_blocks)
 
 
-def logged_statuses(server, transport: str) -> list[str]:
-    return [json.loads(line)["status"] for line in server.request_log() if f'"transport": "{transport}"' in line]
+def logged_statuses(server, transport: str, until=lambda statuses: True, timeout_s: float = 15.0) -> list[str]:
+    """The logged statuses of ``transport``'s calls, once ``until`` holds (the server's
+    output reaches its log file through a pipe, a moment after the call ends)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        statuses = [json.loads(line)["status"] for line in server.request_log() if f'"transport": "{transport}"' in line]
+        if until(statuses) or time.monotonic() > deadline:
+            return statuses
+        time.sleep(0.1)
 
 
 def test_busy_server_refuses_and_cancelled_explains_free_their_blocks(plain_server, client, slow_prompt):
@@ -69,8 +76,10 @@ def test_busy_server_refuses_and_cancelled_explains_free_their_blocks(plain_serv
 
     asyncio.run(scenario())
     wait_idle(client, baseline)
-    statuses = logged_statuses(plain_server, "grpc")
-    assert "RESOURCE_EXHAUSTED" in statuses and statuses.count("CANCELLED") >= MAX_CONCURRENT_EXPLAINS
+    def logged_all(statuses):
+        return "RESOURCE_EXHAUSTED" in statuses and statuses.count("CANCELLED") >= MAX_CONCURRENT_EXPLAINS
+
+    assert logged_all(logged_statuses(plain_server, "grpc", until=logged_all))
 
     # A stream the caller stops reading after the first progress event is cancelled too.
     stream = client.explain_stream(slow_prompt, TARGET, granularity="token")
@@ -88,7 +97,7 @@ def test_deadline_exceeded_aborts_every_fork(plain_server, client, slow_prompt):
     assert err.value.code == grpc.StatusCode.DEADLINE_EXCEEDED
     assert time.monotonic() - started < 5
     wait_idle(client, baseline)
-    assert logged_statuses(plain_server, "grpc")[-1] == "DEADLINE_EXCEEDED"
+    assert logged_statuses(plain_server, "grpc", until=lambda st: st[-1:] == ["DEADLINE_EXCEEDED"])[-1] == "DEADLINE_EXCEEDED"
 
 
 def test_http_client_that_disconnects_aborts_its_explain(plain_server, client, slow_prompt):
@@ -97,7 +106,7 @@ def test_http_client_that_disconnects_aborts_its_explain(plain_server, client, s
         httpx.post(f"http://{plain_server.http}/v1/explain", timeout=httpx.Timeout(60, read=0.5),
                    json={"prompt": slow_prompt, "target": TARGET, "options": {"granularity": "token"}})
     wait_idle(client, baseline)
-    assert logged_statuses(plain_server, "http")[-1] == "CANCELLED"
+    assert logged_statuses(plain_server, "http", until=lambda st: st[-1:] == ["CANCELLED"])[-1] == "CANCELLED"
 
 
 def test_explain_and_generate_run_concurrently(plain_server, client, slow_prompt):
