@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import asyncio
-import os
 
 import numpy as np
 import pytest
 
 from atman_vllm.core import ExplainOptions, ExplainRequest
 
+from .conftest import multiprocess_engine
 from .texts import LONG, SHORT
 
 
@@ -19,13 +19,9 @@ def async_llm(tiny_models):
     from atman_vllm.api import AsyncAtmanLLM
 
     loop = asyncio.new_event_loop()
-    previous = os.environ.pop("VLLM_ENABLE_V1_MULTIPROCESSING", None)
-    try:
+    with multiprocess_engine():
         llm = AsyncAtmanLLM.from_engine_args(str(tiny_models["llama"]), enforce_eager=True, dtype="float32",
                                              max_model_len=1024, kv_cache_memory_bytes=128 << 20)
-    finally:
-        if previous is not None:
-            os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = previous
     yield llm, loop
     llm.shutdown()
     loop.close()
