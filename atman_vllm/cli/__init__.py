@@ -49,3 +49,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: the '{name}' command is unavailable: cannot import {module_name} ({e})", file=sys.stderr)
         return 1
     return int(module.main(rest) or 0)
+
+
+def console_main() -> None:
+    """The console script. The result is printed and flushed before exiting;
+    then the process exits directly: vLLM's engine threads can abort the
+    interpreter's own teardown ("terminate called without an active
+    exception"), which would turn a finished command into exit status -6."""
+    code = main()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)

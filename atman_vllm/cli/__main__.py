@@ -1,5 +1,5 @@
 """``python -m atman_vllm.cli``: the same as the ``atman-vllm`` console script."""
 
-from . import main
+from . import console_main
 
-raise SystemExit(main())
+console_main()
