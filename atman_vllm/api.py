@@ -170,6 +170,10 @@ class AtmanLLM(_AtmanEngineMixin, Explainer):
         out = self.llm.generate([ep], [params], use_tqdm=False)[0]
         return {tid: lp.logprob for tid, lp in out.outputs[0].logprobs[0].items()}
 
+    def shutdown(self) -> None:
+        """Stop the engine core and its worker processes."""
+        self.llm.llm_engine.engine_core.shutdown()
+
     def kv_block_stats(self) -> dict:
         """Engine-side KV blocks: {"free": n, "total": n} (for leak checks)."""
         core = self.llm.llm_engine.engine_core

@@ -126,6 +126,9 @@ def run(args: argparse.Namespace) -> int:
         result = backend.explain(args.prompt, target, options)
     except InvalidRequestError as e:
         raise UsageError(f"{_option_name(e.field)}: {e.message}") from None
+    finally:
+        # Stop the engine's processes now: they hold this process's stdout open.
+        getattr(backend, "shutdown", lambda: None)()
 
     if args.json:
         sys.stdout.write(json.dumps(result.to_dict(), ensure_ascii=False, indent=2) + "\n")
