@@ -1,29 +1,38 @@
 """Train the shipped demo model: a small Llama that answers the facts task.
 
-    nice -n 5 python -m atman_vllm.models.train_demo --out atman_vllm/models/default
+    python -m atman_vllm.models.train_demo --out atman_vllm/models/default
 
 The model must really read its context (that is what an explanation of it
-can then show), so training is shaped for retrieval rather than language
-modelling:
+can then show). What made that learnable on a 2-core CPU, measured here
+(docs/quality.md has the runs):
 
-- each training sequence is one document followed by several questions
-  (``"{context} Q: q1 A: a1 Q: q2 A: a2 ..."``): several answers per forward
-  pass; the first question sits exactly where it sits at evaluation time;
-- the loss is on the answer tokens; the other tokens get a small weight
-  (``--context-weight``) that teaches the format without drowning the answers;
-- an adaptive curriculum: documents start with at most 2 facts and may hold
-  one more fact whenever the running answer accuracy on the training batches
-  reaches ``--promote-at`` (up to ``--max-facts``); a random subset of the
-  relations is used per document, half of them single-relation documents
-  (only the person tells facts apart: that keeps the entity-matching signal
-  strong; with mixed relations a model first learns to answer by type and
-  stalls there, seen at ~85% on two-fact documents);
-- AdamW with linear warmup and cosine decay.
+- **Induction sequences in the mix.** ``--induction-p`` of the training
+  sequences are a random run of task words followed by the same run again,
+  with the loss on the repeat. Answering a question means finding the fact
+  that matches it and copying a word from there: the same attention circuit
+  (a head that looks back at the tokens before each position, feeding a head
+  that matches and copies) that such copying forms within a few hundred
+  steps. Without them every design tried (widths 128-256, 2-4 layers, learning
+  rates 3e-4 to 3e-3, RoPE bases 1e4 and 1e6, curricula, several questions per
+  document, restated facts) sat near chance on the choice between facts for
+  thousands of steps; with them a 3-layer model answers held-out value
+  questions at ~98% after 2,000 steps (4 minutes).
+- **Three layers.** Two learn "lives in", "works in" and "owns a" but stay
+  near 65% on "works as a" (probably because the person sits one token
+  further back there).
+- **One question per document**, loss on the answer and the end-of-sequence
+  token only (``--context-weight`` 0). With several questions per document
+  later ones can be answered by elimination.
+- AdamW, linear warmup, constant learning rate, cosine decay over the last
+  ``--decay-frac`` of the steps.
+- One torch thread per run (the machine is shared; it is also what makes the
+  run reproducible to the bit for a given ``--seed``).
 
-Everything is deterministic for a given ``--seed`` (data, init, order) with
-the thread count fixed. The tokenizer is a WordLevel model over words and
-punctuation trained with the ``tokenizers`` library on the task's vocabulary;
-it is saved as a ``PreTrainedTokenizerFast`` so transformers and vLLM load it.
+Evaluation documents (seed ``HELD_OUT_SEED``) come from the task generator
+exactly as the quality harness uses it; training draws from its own stream.
+The tokenizer is a WordLevel model over words and punctuation trained with
+the ``tokenizers`` library on the task's vocabulary; it is saved as a
+``PreTrainedTokenizerFast`` so transformers and vLLM load it.
 """
 
 from __future__ import annotations
@@ -40,10 +49,11 @@ from pathlib import Path
 import torch
 
 from atman_vllm.quality.tasks import (
-    RELATIONS, Document, QAExample, generate_document, generate_examples, vocabulary_text, without_evidence,
+    DEMO_ASKS, QAExample, generate_document, generate_examples, vocabulary_text, without_evidence,
 )
 
 BOS, EOS, UNK, PAD = "<s>", "</s>", "<unk>", "<pad>"
+HELD_OUT_SEED = 10_001  # evaluation documents; training draws from its own seeded stream
 
 
 # --------------------------------------------------------------------------- tokenizer
@@ -75,127 +85,61 @@ def build_tokenizer():
 @dataclass(frozen=True)
 class TrainConfig:
     seed: int = 0
-    steps: int = 30000  # upper bound; the run ends when the curriculum is done + anneal_steps
+    steps: int = 12000
     batch_size: int = 32
-    lr: float = 3e-3
-    warmup: int = 150
-    weight_decay: float = 0.05
-    context_weight: float = 0.05
-    max_facts: int = 10
-    questions_per_doc: int = 4
-    promote_at: float = 0.9
-    single_relation_p: float = 0.5
-    start_facts: int = 2
-    anneal_steps: int = 1500
-    group_p: float = 0.5
-    echo_p: float = 0.25
-    init_std: float = 0.02
-    min_steps_per_level: int = 40
+    lr: float = 1e-3
+    warmup: int = 100
+    decay_frac: float = 0.3
+    weight_decay: float = 0.01
+    induction_p: float = 0.5
+    min_facts: int = 2
+    max_facts: int = 8
+    context_weight: float = 0.0
     hidden: int = 128
-    layers: int = 2
+    layers: int = 3
     heads: int = 4
     head_dim: int = 32
     intermediate: int = 512
+    rope_theta: float = 10000.0
     threads: int = 1
-    eval_every: int = 500
-    max_minutes: float = 58.0  # safety stop (then the report says so); the schedule is by steps
-    eval_n: int = 500
+    eval_every: int = 1000
+    eval_n: int = 1000
+    max_minutes: float = 60.0  # safety stop; the report says when it triggered
 
 
-@dataclass(frozen=True)
-class Stage:
-    """A curriculum stage: which questions, how many relations per document."""
-
-    name: str
-    directions: tuple[str, ...]  # "value" (where does X live?) and/or "entity" (who lives in Y?)
-    single_relation_p: float | None  # None: the config's value
+def induction_sequence(rng: random.Random, word_ids: list[int]) -> tuple[list[int], list[float]]:
+    """BOS, a random run of task words, the same run again; the loss is on the repeat."""
+    n = rng.randint(8, 24)
+    run = [rng.choice(word_ids) for _ in range(n)]
+    return run + run, [0.0] * n + [1.0] * n
 
 
-# Retrieval is learnt first where nothing else works: one relation per document
-# (the answer's type gives nothing away), and only questions asking for the
-# value (the copy is the answer token itself); then questions asking for the
-# person; then documents mixing relations. After the last stage the documents
-# grow one fact at a time. Each step up happens when the running answer
-# accuracy reaches ``promote_at``.
-STAGES: tuple[Stage, ...] = (
-    Stage("value questions", ("value",), None),
-    Stage("value and person questions", ("value", "entity"), None),
-)
+def qa_sequence(rng: random.Random, tokenizer, cfg: TrainConfig) -> tuple[list[int], list[float]]:
+    """A document, one question about a random fact, its answer and EOS (loss on answer and EOS)."""
+    doc = generate_document(rng, rng.randint(cfg.min_facts, cfg.max_facts))
+    ex = doc.question(rng.randrange(len(doc.facts)), rng.choice(DEMO_ASKS))
+    prompt = tokenizer(ex.prompt, add_special_tokens=False)["input_ids"]
+    answer = tokenizer(ex.target, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    return prompt + answer, [cfg.context_weight] * len(prompt) + [1.0] * len(answer)
 
 
-def grouped_by_person(doc: Document) -> Document:
-    """The same facts with each person's facts next to each other (first-mention order).
-
-    In such documents the language-model loss rewards knowing, at every
-    position, who the current sentence is about (the next sentence is often
-    about the same person): the "most recent person" feature retrieval needs
-    on both sides — at the value being looked up and at the question's end.
-    Evaluation documents stay shuffled.
-    """
-    order: list[str] = []
-    for f in doc.facts:
-        if f.entity not in order:
-            order.append(f.entity)
-    return Document(tuple(sorted(doc.facts, key=lambda f: order.index(f.entity))))
-
-
-def echo_question(rng: random.Random, fact) -> tuple[str, str]:
-    """A training-only question whose answer is the word it names ("Who is Otto? A: Otto").
-
-    It teaches the position after "A:" to carry the question's key word
-    (person or value), which real questions need before any lookup can match
-    it against the context; learnt in a few hundred steps on its own.
-    """
-    if rng.random() < 0.5:
-        return f"Who is {fact.entity}?", fact.entity
-    return f"What is {fact.value}?", fact.value
-
-
-def training_batch(rng: random.Random, tokenizer, cfg: TrainConfig, max_facts: int, stage: Stage):
-    """Token ids and per-token loss weights (answer tokens 1.0, the rest ``context_weight``)."""
-    seqs, weights, answers = [], [], []
-    single_p = cfg.single_relation_p if stage.single_relation_p is None else stage.single_relation_p
+def training_batch(rng: random.Random, tokenizer, cfg: TrainConfig, word_ids: list[int]):
+    """Token ids (BOS first, right-padded) and the loss weight of predicting each token."""
+    seqs, weights = [], []
     for _ in range(cfg.batch_size):
-        # Single-relation documents keep the retrieval signal strong: there only
-        # the person (or the value) tells the facts apart.
-        n_rel = 1 if rng.random() < single_p else rng.randint(2, len(RELATIONS))
-        relations = tuple(rng.sample(RELATIONS, n_rel))
-        doc = generate_document(rng, rng.randint(1, max_facts), relations)
-        if rng.random() < cfg.group_p:
-            doc = grouped_by_person(doc)
-        k = min(len(doc.facts), cfg.questions_per_doc)
-        picks = rng.sample(range(len(doc.facts)), k)
-        ids = tokenizer(doc.context)["input_ids"]  # starts with BOS
-        w = [cfg.context_weight] * len(ids)
-        is_answer = [False] * len(ids)
-        for i in picks:
-            if rng.random() < cfg.echo_p:
-                question, answer = echo_question(rng, doc.facts[i])
-            else:
-                ex = doc.question(i, rng.choice(stage.directions))
-                question, answer = ex.question, ex.answer
-            q = tokenizer(f" Q: {question} A:", add_special_tokens=False)["input_ids"]
-            a = tokenizer(f" {answer}", add_special_tokens=False)["input_ids"]
-            ids += q + a
-            w += [cfg.context_weight] * len(q) + [1.0] * len(a)
-            is_answer += [False] * len(q) + [True] * len(a)
-        ids.append(tokenizer.eos_token_id)
-        w.append(cfg.context_weight)
-        is_answer.append(False)
-        seqs.append(ids)
-        weights.append(w)
-        answers.append(is_answer)
+        if rng.random() < cfg.induction_p:
+            ids, w = induction_sequence(rng, word_ids)
+        else:
+            ids, w = qa_sequence(rng, tokenizer, cfg)
+        seqs.append([tokenizer.bos_token_id] + ids)
+        weights.append([0.0] + w)
     n = max(len(s) for s in seqs)
     input_ids = torch.full((len(seqs), n), tokenizer.pad_token_id, dtype=torch.long)
     weight = torch.zeros((len(seqs), n))
-    answer_mask = torch.zeros((len(seqs), n), dtype=torch.bool)
-    for b, (s, w, a) in enumerate(zip(seqs, weights, answers)):
+    for b, (s, w) in enumerate(zip(seqs, weights)):
         input_ids[b, : len(s)] = torch.tensor(s)
         weight[b, : len(w)] = torch.tensor(w)
-        answer_mask[b, : len(a)] = torch.tensor(a)
-    # weight[b, t] belongs to predicting token t from position t-1; BOS is never predicted.
-    weight[:, 0] = 0.0
-    return input_ids, weight, answer_mask
+    return input_ids, weight
 
 
 # --------------------------------------------------------------------------- evaluation
@@ -230,22 +174,17 @@ def greedy_answers(model, tokenizer, examples: list[QAExample], batch_size: int 
     return out
 
 
-def exact_match(model, tokenizer, examples: list[QAExample]) -> float:
-    preds = greedy_answers(model, tokenizer, examples)
-    return sum(p.strip() == ex.answer.strip() for p, ex in zip(preds, examples)) / max(1, len(examples))
-
-
-def per_qtype_exact_match(model, tokenizer, examples: list[QAExample]) -> dict[str, float]:
+def exact_match_by_qtype(model, tokenizer, examples: list[QAExample]) -> tuple[float, dict[str, float]]:
+    """Overall exact match and exact match per question type."""
     preds = greedy_answers(model, tokenizer, examples)
     hits: dict[str, list[int]] = {}
     for p, ex in zip(preds, examples):
         hits.setdefault(ex.qtype, []).append(int(p.strip() == ex.answer.strip()))
-    return {k: sum(v) / len(v) for k, v in sorted(hits.items())}
+    overall = sum(sum(v) for v in hits.values()) / max(1, len(examples))
+    return overall, {k: round(sum(v) / len(v), 4) for k, v in sorted(hits.items())}
 
 
 # --------------------------------------------------------------------------- training
-
-HELD_OUT_SEED = 10_001  # evaluation documents; training draws from its own seeded stream
 
 
 def build_model(cfg: TrainConfig, tokenizer):
@@ -254,22 +193,23 @@ def build_model(cfg: TrainConfig, tokenizer):
     config = LlamaConfig(
         vocab_size=len(tokenizer), hidden_size=cfg.hidden, intermediate_size=cfg.intermediate,
         num_hidden_layers=cfg.layers, num_attention_heads=cfg.heads, num_key_value_heads=cfg.heads,
-        head_dim=cfg.head_dim, max_position_embeddings=512, rope_theta=10000.0,
+        head_dim=cfg.head_dim, max_position_embeddings=512, rope_theta=cfg.rope_theta,
         rms_norm_eps=1e-5, tie_word_embeddings=False,
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id, torch_dtype="float32", initializer_range=cfg.init_std,
+        pad_token_id=tokenizer.pad_token_id, torch_dtype="float32",
     )
     return LlamaForCausalLM(config)
 
 
-def lr_at(step: int, cfg: TrainConfig, anneal_from: int | None) -> float:
-    """Linear warmup, constant while the curriculum runs, then cosine to 5% over ``anneal_steps``."""
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    """Linear warmup, constant, then cosine to zero over the last ``decay_frac`` of the steps."""
     if step < cfg.warmup:
         return cfg.lr * (step + 1) / cfg.warmup
-    if anneal_from is None:
+    decay_from = int(cfg.steps * (1 - cfg.decay_frac))
+    if step < decay_from:
         return cfg.lr
-    progress = min(1.0, (step - anneal_from) / max(1, cfg.anneal_steps))
-    return cfg.lr * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * progress)))
+    progress = (step - decay_from) / max(1, cfg.steps - decay_from)
+    return cfg.lr * 0.5 * (1 + math.cos(math.pi * progress))
 
 
 def train(cfg: TrainConfig, out_dir: Path | None, log=print) -> dict:
@@ -277,37 +217,29 @@ def train(cfg: TrainConfig, out_dir: Path | None, log=print) -> dict:
     torch.manual_seed(cfg.seed)
     rng = random.Random(cfg.seed)
     tokenizer = build_tokenizer()
+    word_ids = [i for t, i in tokenizer.get_vocab().items() if t not in (BOS, EOS, UNK, PAD)]
+    word_ids.sort()
     model = build_model(cfg, tokenizer)
     n_params = sum(p.numel() for p in model.parameters())
     log(f"params {n_params} vocab {len(tokenizer)}")
-    decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
-    no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.dim() < 2]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
                              {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.98))
     held_out = generate_examples(cfg.eval_n, seed=HELD_OUT_SEED)
     history = []
     t0 = time.time()
-    max_facts, level_start, acc_ema, stage_i = cfg.start_facts, 0, 0.0, 0
-    anneal_from: int | None = None  # step at which the curriculum completed
     stopped_early = False
-    step = -1
-    while True:
-        step += 1
-        if anneal_from is not None and step >= anneal_from + cfg.anneal_steps:
-            break
-        if step >= cfg.steps:
-            log(f"step {step}: step limit reached before the curriculum completed")
-            stopped_early = True
-            break
+    step = 0
+    for step in range(cfg.steps):
         if time.time() - t0 > cfg.max_minutes * 60:
             stopped_early = True
             log(f"step {step}: time budget of {cfg.max_minutes} minutes reached, stopping")
             break
         model.train()
-        lr = lr_at(step, cfg, anneal_from)
-        ids, weight, answer_mask = training_batch(rng, tokenizer, cfg, max_facts, STAGES[stage_i])
         for g in opt.param_groups:
-            g["lr"] = lr
+            g["lr"] = lr_at(step, cfg)
+        ids, weight = training_batch(rng, tokenizer, cfg, word_ids)
         logits = model(input_ids=ids).logits[:, :-1]
         ce = torch.nn.functional.cross_entropy(
             logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="none")
@@ -317,43 +249,24 @@ def train(cfg: TrainConfig, out_dir: Path | None, log=print) -> dict:
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
-        with torch.no_grad():
-            ans = answer_mask[:, 1:].reshape(-1)
-            ans_acc = (logits.argmax(-1).reshape(-1)[ans] == ids[:, 1:].reshape(-1)[ans]).float().mean()
-        acc_ema = 0.9 * acc_ema + 0.1 * ans_acc.item()
-        if (anneal_from is None and acc_ema >= cfg.promote_at
-                and step - level_start >= cfg.min_steps_per_level):
-            if stage_i + 1 < len(STAGES):
-                stage_i, level_start, acc_ema = stage_i + 1, step, 0.0
-                log(f"step {step}: curriculum -> {STAGES[stage_i].name}")
-            elif max_facts < cfg.max_facts:
-                max_facts, level_start = max_facts + 1, step
-                log(f"step {step}: curriculum -> up to {max_facts} facts")
-            else:
-                anneal_from = step
-                log(f"step {step}: curriculum complete, annealing for {cfg.anneal_steps} steps")
-        if step % 25 == 0:
-            log(f"step {step} stage {stage_i} facts<={max_facts} loss {loss.item():.4f} "
-                f"answer_acc {ans_acc.item():.3f} ema {acc_ema:.3f} lr {lr:.2e} t {time.time() - t0:.0f}s")
+        if step % 100 == 0:
+            log(f"step {step} loss {loss.item():.4f} lr {lr_at(step, cfg):.2e} t {time.time() - t0:.0f}s")
         if (step + 1) % cfg.eval_every == 0:
-            em = exact_match(model, tokenizer, held_out[:200])
-            history.append({"step": step + 1, "seconds": round(time.time() - t0, 1), "stage": stage_i,
-                            "max_facts": max_facts, "held_out_em_200": em})
-            log(f"EVAL step {step + 1} held-out exact match {em:.3f} t {time.time() - t0:.0f}s")
+            em, by_qtype = exact_match_by_qtype(model, tokenizer, held_out[:200])
+            history.append({"step": step + 1, "seconds": round(time.time() - t0, 1), "held_out_em_200": em})
+            log(f"EVAL step {step + 1} held-out exact match {em:.3f} {by_qtype} t {time.time() - t0:.0f}s")
     train_seconds = time.time() - t0
-    em = exact_match(model, tokenizer, held_out)
-    em_q = per_qtype_exact_match(model, tokenizer, held_out)
-    em_removed = exact_match(model, tokenizer, [without_evidence(ex) for ex in held_out])
+    em, em_q = exact_match_by_qtype(model, tokenizer, held_out)
+    em_removed, _ = exact_match_by_qtype(model, tokenizer, [without_evidence(ex) for ex in held_out])
     report = {
         "seed": cfg.seed,
         "config": asdict(cfg),
         "parameters": n_params,
         "train_seconds": round(train_seconds, 1),
-        "steps_run": step,
-        "curriculum_completed_at_step": anneal_from,
+        "steps_run": step + 1,
         "stopped_early": stopped_early,
-        "final_max_facts": max_facts,
         "torch_threads": cfg.threads,
+        "torch_version": torch.__version__,
         "held_out_seed": HELD_OUT_SEED,
         "held_out_examples": len(held_out),
         "held_out_exact_match": em,

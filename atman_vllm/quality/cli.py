@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Sequence
 
 from .harness import DEFAULT_MODEL_DIR, GRANULARITIES, METHODS, evaluate, markdown_table, write_outputs
-from .tasks import generate_examples, load_squad
+from .tasks import DEMO_ASKS, generate_examples, load_squad
 
 DEFAULT_N = 100
 EVAL_SEED = 20_260_101  # the facts task's evaluation documents; the demo model never trained on this stream
@@ -30,6 +30,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--squad", default=None, help="SQuAD-format JSON file (default: the generated facts task)")
     p.add_argument("--n", type=int, default=DEFAULT_N, help=f"number of examples (default {DEFAULT_N})")
     p.add_argument("--seed", type=int, default=EVAL_SEED, help="facts-task seed (and the random baseline's)")
+    p.add_argument("--asks", nargs="+", default=list(DEMO_ASKS), choices=("value", "entity"),
+                   help="facts task: what the questions ask for (default: value, the demo task; "
+                        "'entity' adds 'Who lives in Lisbon?')")
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS), metavar="METHOD",
                    help="methods to run (default: all): " + ", ".join(METHODS))
     p.add_argument("--granularities", nargs="+", default=list(GRANULARITIES), choices=list(GRANULARITIES),
@@ -61,7 +64,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"error: --squad: no answerable questions in {args.squad}", file=sys.stderr)
             return 2
     else:
-        examples = generate_examples(args.n, seed=args.seed)
+        examples = generate_examples(args.n, seed=args.seed, asks=tuple(args.asks))
         data_name = "facts"
     needs_captum = {"grad-x-input", "integrated-gradients", "ablation"} & set(args.methods)
     if needs_captum:

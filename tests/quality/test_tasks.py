@@ -41,7 +41,7 @@ def test_prompt_and_target_follow_the_paper_format():
 
 def test_every_question_has_exactly_one_answer_in_its_document():
     """Re-derive the answer from the facts: exactly one fact matches the question."""
-    for ex in generate_examples(300, seed=2):
+    for ex in generate_examples(300, seed=2, asks=("value", "entity")):
         facts = [f.strip() for f in ex.context.split(".") if f.strip()]
         rel, ask = ex.qtype.split(":")
         verb = {"lives_in": "lives in", "works_in": "works in", "job": "works as a", "pet": "owns a"}[rel]
@@ -75,7 +75,17 @@ def test_documents_contain_distractors_sharing_entity_relation_and_value():
 
 
 def test_all_question_types_occur():
-    assert {ex.qtype for ex in generate_examples(300, seed=5)} == set(QTYPES)
+    assert {ex.qtype for ex in generate_examples(300, seed=5, asks=("value", "entity"))} == set(QTYPES)
+
+
+def test_demo_task_asks_for_values_only():
+    exs = generate_examples(200, seed=5)
+    assert {ex.qtype.split(":")[1] for ex in exs} == {"value"}
+    assert {ex.qtype for ex in exs} == {q for q in QTYPES if q.endswith(":value")}
+    with pytest.raises(ValueError, match="asks"):
+        generate_examples(1, seed=5, asks=("where",))
+    with pytest.raises(ValueError, match="asks"):
+        generate_examples(1, seed=5, asks=())
 
 
 def test_fact_counts_respect_bounds():
