@@ -74,10 +74,14 @@ class MethodRow:
     summary: Summary
     cost: dict
     per_example: list[dict] = field(default_factory=list)
+    # Token units only: ranked against the answer span instead of the evidence
+    # sentence (the paper's label; docs/quality.md says why both).
+    answer_summary: Summary | None = None
 
     def to_dict(self) -> dict:
         return {"method": self.method, "granularity": self.granularity, "backend": self.backend,
-                "summary": self.summary.to_dict(), "cost": self.cost, "per_example": self.per_example}
+                "summary": self.summary.to_dict(), "cost": self.cost, "per_example": self.per_example,
+                "answer_span_summary": None if self.answer_summary is None else self.answer_summary.to_dict()}
 
 
 @dataclass
@@ -157,15 +161,18 @@ def run_atman(explainer, variant: AtmanVariant, granularity: str, prepared: Sequ
 def _score_rows(method: str, backend: str, granularity: str, prepared: Sequence[PreparedExample],
                 scores: Sequence[np.ndarray], cost: dict) -> MethodRow:
     per_example: list[ExampleScore | None] = []
+    per_answer: list[ExampleScore | None] = []
     details = []
     for ex, s in zip(prepared, scores):
-        units = ex.units[granularity]
-        es = score_example([(u.start, u.start + u.length) for u in units], s, ex.example.evidence_spans,
-                           ex.example.qtype)
+        spans = [(u.start, u.start + u.length) for u in ex.units[granularity]]
+        es = score_example(spans, s, ex.example.evidence_spans, ex.example.qtype)
         per_example.append(es)
+        if granularity == "token":
+            per_answer.append(score_example(spans, s, ex.example.answer_spans(), ex.example.qtype))
         details.append({"index": ex.index, "qtype": ex.example.qtype,
                         "ap": None if es is None else es.ap, "recall": None if es is None else es.recall})
-    return MethodRow(method, granularity, backend, summarize(per_example), cost, details)
+    answer_summary = summarize(per_answer) if granularity == "token" else None
+    return MethodRow(method, granularity, backend, summarize(per_example), cost, details, answer_summary)
 
 
 def evaluate(examples: Sequence[QAExample], *, model_dir: str | Path = DEFAULT_MODEL_DIR,
@@ -288,10 +295,22 @@ def qtype_table(report: EvalReport, granularity: str) -> str:
     return "\n".join(lines)
 
 
+def answer_span_table(report: EvalReport) -> str:
+    """Token units ranked against the answer span (the paper's label)."""
+    lines = ["| method | mAP | mAR | IQM mAP | IQM mAR |", "|---|---:|---:|---:|---:|"]
+    for r in report.rows:
+        if r.answer_summary is not None:
+            s = r.answer_summary
+            lines.append(f"| {r.method} | {_fmt(s.mAP)} | {_fmt(s.mAR)} | {_fmt(s.iqm_AP)} | {_fmt(s.iqm_AR)} |")
+    return "\n".join(lines)
+
+
 def markdown_report(report: EvalReport) -> str:
     parts = [f"# Explanation quality: {report.data}", "",
              f"model `{report.model_dir}`, {report.n_examples} examples, seed {report.seed}", "",
              markdown_table(report), ""]
+    if any(r.answer_summary is not None for r in report.rows):
+        parts += ["## Token units against the answer span (the paper's label)", "", answer_span_table(report), ""]
     for g in sorted({r.granularity for r in report.rows}):
         parts += [f"## mAP by question type, {g} units", "", qtype_table(report, g), ""]
     return "\n".join(parts)

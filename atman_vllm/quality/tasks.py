@@ -51,6 +51,18 @@ class QAExample:
     def target(self) -> str:
         return f" {self.answer}"
 
+    def answer_spans(self) -> tuple[tuple[int, int], ...]:
+        """Where the answer text occurs inside the evidence: the paper's label (ATMAN_SPEC §8).
+
+        The first occurrence inside each evidence span; empty if there is none.
+        """
+        spans = []
+        for s, e in self.evidence_spans:
+            at = self.context.find(self.answer, s, e)
+            if at >= 0:
+                spans.append((at, at + len(self.answer)))
+        return tuple(spans)
+
     def evidence_text(self) -> list[str]:
         return [self.context[s:e] for s, e in self.evidence_spans]
 

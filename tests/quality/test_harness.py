@@ -9,7 +9,7 @@ import pytest
 
 from atman_vllm.quality.baselines import PassCounter, PeakMemory, unit_scores
 from atman_vllm.quality.cli import main as eval_main
-from atman_vllm.quality.harness import DEFAULT_MODEL_DIR, evaluate, markdown_table
+from atman_vllm.quality.harness import DEFAULT_MODEL_DIR, evaluate, markdown_report, markdown_table
 from atman_vllm.quality.tasks import generate_examples
 
 SEED = 777
@@ -53,6 +53,14 @@ def test_atman_finds_the_evidence_sentence_on_the_demo_model(report):
     n_units = np.mean([len(ex.units["sentence"]) for ex in report.examples])
     assert rows[("atman", "sentence")].cost["forward_passes_per_example"] >= n_units + 1
     assert "| atman | sentence | reference |" in markdown_table(report)
+
+
+def test_token_rows_are_also_scored_against_the_answer_span(report):
+    rows = {(r.method, r.granularity): r for r in report.rows}
+    assert rows[("atman", "sentence")].answer_summary is None
+    atman, rand = rows[("atman", "token")].answer_summary, rows[("random", "token")].answer_summary
+    assert atman.n == len(report.examples) and atman.mAP > rand.mAP
+    assert "against the answer span" in markdown_report(report)
 
 
 def test_unit_scores_sum_token_scores():
@@ -106,3 +114,25 @@ def test_cli_rejects_bad_arguments(tmp_path, capsys):
     with pytest.raises(SystemExit):
         eval_main(["--methods", "no-such-method"])
     assert "no such" in capsys.readouterr().err
+
+
+def test_cli_runs_on_a_squad_file(tmp_path):
+    context = "Otto lives in Lisbon. Mira works as a pilot. Otto owns a cat."
+    squad = {"version": "1.1", "data": [{"title": "t", "paragraphs": [{"context": context, "qas": [
+        {"id": "1", "question": "Where does Otto live?",
+         "answers": [{"text": "Lisbon", "answer_start": context.index("Lisbon")}]},
+        {"id": "2", "question": "What pet does Otto own?",
+         "answers": [{"text": "cat", "answer_start": context.index("cat")}]},
+    ]}]}]}
+    path = tmp_path / "dev.json"
+    path.write_text(json.dumps(squad))
+    out = tmp_path / "eval"
+    rc = eval_main(["--squad", str(path), "--methods", "atman", "random", "--granularities", "sentence",
+                    "--backend", "reference", "--out", str(out), "--no-progress", "--threads", "1"])
+    assert rc == 0
+    data = json.loads((out / "quality.json").read_text())
+    assert data["data"] == "squad:dev.json" and data["n_examples"] == 2
+    atman = next(r for r in data["rows"] if r["method"] == "atman")
+    # The demo model reads these facts: the evidence sentence ranks first for both questions.
+    assert [e["ap"] for e in atman["per_example"]] == [1.0, 1.0]
+    assert set(atman["summary"]["by_qtype"]) == {"where", "what"}

@@ -131,3 +131,15 @@ def test_load_squad_uses_the_sentence_containing_the_answer(tmp_path):
     assert ex.answer == "1889" and ex.qtype == "when"
     assert ex.evidence_text() == ["It was built in 1889 by Eiffel."]
     assert ex.prompt == f"{context} Q: When was it built? A:"
+
+
+def test_answer_spans_point_at_the_answer_inside_the_evidence():
+    for ex in generate_examples(100, seed=12):
+        (a, b), = ex.answer_spans()
+        (s, e), = ex.evidence_spans
+        assert s <= a < b <= e and ex.context[a:b] == ex.answer
+    # "Lisbon" also occurs in a distractor before the evidence: the label is the evidence's one.
+    ctx = "Mira works in Lisbon. Otto lives in Lisbon."
+    ex = QAExample(ctx, "Where does Otto live?", "Lisbon", ((22, 43),), "lives_in:value")
+    assert ex.answer_spans() == ((36, 42),)
+    assert without_evidence(ex).answer_spans() == ()

@@ -73,3 +73,18 @@ def test_a_short_run_saves_a_model_transformers_loads(tmp_path):
     model = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32)
     tok = AutoTokenizer.from_pretrained(tmp_path)
     assert model.config.num_hidden_layers == 1 and len(tok) == model.config.vocab_size
+
+
+def test_training_is_deterministic_for_a_seed(tmp_path):
+    """Same seed, same weights to the bit: what lets the shipped model be reproduced."""
+    from safetensors.torch import load_file
+
+    cfg = TrainConfig(steps=4, eval_every=100, eval_n=2, layers=1, batch_size=4)
+    for name in ("a", "b"):
+        train(cfg, tmp_path / name, log=lambda _: None)
+    a, b = (load_file(tmp_path / n / "model.safetensors") for n in ("a", "b"))
+    assert a.keys() == b.keys() and all((a[k] == b[k]).all() for k in a)
+    other = TrainConfig(**{**cfg.__dict__, "seed": 1})
+    train(other, tmp_path / "c", log=lambda _: None)
+    c = load_file(tmp_path / "c" / "model.safetensors")
+    assert any((a[k] != c[k]).any() for k in a)
