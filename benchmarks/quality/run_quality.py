@@ -75,7 +75,8 @@ def main(argv: list[str] | None = None) -> int:
         "# Explanation quality on the facts task",
         "",
         "Regenerate: `nice -n 10 .venv/bin/python benchmarks/quality/run_quality.py` "
-        f"(this run: {elapsed / 60:.1f} min). Method, task, model and metrics: docs/quality.md.",
+        f"(this run: {elapsed / 60:.1f} min). Method, task, model, metrics and what the numbers say:"
+        " docs/quality.md.",
         "",
         f"- data: {args.n} generated documents (seed {seed}), 3-8 facts each, one question per document asking for a value (\"Where does Otto live?\");"
         " evidence = the fact sentence the answer is copied from",
