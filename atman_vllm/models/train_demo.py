@@ -272,7 +272,7 @@ def train(cfg: TrainConfig, out_dir: Path | None, log=print) -> dict:
         "config": asdict(cfg),
         "parameters": n_params,
         "train_seconds": round(train_seconds, 1),
-        "steps_run": step + 1,
+        "steps_run": step if stopped_early else cfg.steps,
         "stopped_early": stopped_early,
         "torch_threads": cfg.threads,
         "torch_version": torch.__version__,

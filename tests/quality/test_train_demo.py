@@ -88,3 +88,9 @@ def test_training_is_deterministic_for_a_seed(tmp_path):
     train(other, tmp_path / "c", log=lambda _: None)
     c = load_file(tmp_path / "c" / "model.safetensors")
     assert any((a[k] != c[k]).any() for k in a)
+
+
+def test_time_budget_stops_the_run_and_the_report_says_so():
+    cfg = TrainConfig(steps=50, eval_n=2, layers=1, batch_size=2, max_minutes=0.0)
+    report = train(cfg, None, log=lambda _: None)
+    assert report["stopped_early"] is True and report["steps_run"] == 0
