@@ -21,6 +21,8 @@ from typing import AsyncIterator, Callable, Sequence
 
 import numpy as np
 
+from atman_vllm.vllm.engine_client import close_engine_sockets
+
 from atman_vllm.core import (
     Control,
     ExplainRequest,
@@ -173,6 +175,7 @@ class AtmanLLM(_AtmanEngineMixin, Explainer):
     def shutdown(self) -> None:
         """Stop the engine core and its worker processes."""
         self.llm.llm_engine.engine_core.shutdown()
+        close_engine_sockets(self.llm.llm_engine.engine_core)
 
     def kv_block_stats(self) -> dict:
         """Engine-side KV blocks: {"free": n, "total": n} (for leak checks)."""
@@ -281,3 +284,4 @@ class AsyncAtmanLLM(_AtmanEngineMixin):
 
     def shutdown(self) -> None:
         self.engine.shutdown()
+        close_engine_sockets(self.engine.engine_core)
