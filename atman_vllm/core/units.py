@@ -88,7 +88,8 @@ def _paragraphs(text: str) -> list[CharSpan]:
 _SENTENCE_END = re.compile(r"[.!?]+[\"'”’)\]]*(?=\s|\Z)")
 
 
-def _sentences(text: str) -> list[CharSpan]:
+def sentence_spans(text: str) -> list[CharSpan]:
+    """The sentences of ``text`` as trimmed character spans (the ``sentence`` units)."""
     # Sentences never cross a paragraph break, so sentence is always finer than paragraph.
     out = []
     for ps, pe in _paragraphs(text):
@@ -136,7 +137,7 @@ def _segments(text: str, offsets: Sequence[CharSpan], granularity: Granularity, 
     elif granularity is Granularity.WORD:
         segs = [m.span() for m in re.finditer(r"\S+", text)]
     elif granularity is Granularity.SENTENCE:
-        segs = _sentences(text)
+        segs = sentence_spans(text)
     elif granularity is Granularity.PARAGRAPH:
         segs = _paragraphs(text)
     elif granularity is Granularity.CUSTOM:

@@ -11,7 +11,7 @@ Two sources feed the same ``QAExample``:
   so a model has to read the right sentence, not just the right word.
 - ``load_squad``: SQuAD-format JSON. SQuAD labels the answer span, not a
   sentence; the evidence span here is the sentence(s) of the context that
-  contain the answer span (split on ``.!?`` followed by whitespace), so both
+  contain the answer span (the same sentences AtMan's sentence units are), so both
   sources are scored against sentence-level evidence.
 
 The prompt format is the paper's (ATMAN_SPEC §8): ``"{context} Q: {question} A:"``
@@ -25,6 +25,8 @@ import random
 import re
 from dataclasses import dataclass
 from pathlib import Path
+
+from atman_vllm.core.units import sentence_spans  # the same sentences AtMan's sentence units are
 
 # --------------------------------------------------------------------------- data
 
@@ -259,20 +261,6 @@ def vocabulary_text() -> list[str]:
 
 
 # --------------------------------------------------------------------------- SQuAD
-
-_SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
-
-
-def sentence_spans(text: str) -> list[tuple[int, int]]:
-    """(start, end) of each sentence: split after ``.!?`` followed by whitespace."""
-    spans, start = [], 0
-    for m in _SENTENCE_END.finditer(text):
-        spans.append((start, m.start()))
-        start = m.end()
-    if start < len(text):
-        spans.append((start, len(text)))
-    return [(s, e) for s, e in spans if e > s]
-
 
 def _squad_qtype(question: str) -> str:
     words = question.strip().lower().split()
