@@ -14,9 +14,11 @@ from __future__ import annotations
 
 import asyncio
 import os
+import threading
 import time
 import uuid
-from dataclasses import dataclass
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, replace
 from typing import AsyncIterator, Callable, Sequence
 
 import numpy as np
@@ -32,13 +34,20 @@ from atman_vllm.core import (
     ForkResult,
     HFTokenizer,
     InvalidRequestError,
+    Limit,
+    PlanLimits,
     plan_controls,
     plan_explanation,
 )
+from atman_vllm.core.planning import CancelCheck
 
 # Defaults that make explanations share the prefix cache well on CPU: small
 # blocks (sharing is block-granular) and a KV cache sized for a small machine.
 _CPU_DEFAULTS = {"block_size": 32, "kv_cache_memory_bytes": 1 << 30}
+# vLLM's priority scheduling (lower value first): an explanation's forks run at
+# this priority, ordinary generation at vLLM's default 0, so n + 1 forks never
+# push a generation that arrives after them to the back of the queue.
+DEFAULT_EXPLAIN_PRIORITY = 1
 
 
 def _engine_kwargs(model: str, engine_args: dict) -> dict:
@@ -47,6 +56,7 @@ def _engine_kwargs(model: str, engine_args: dict) -> dict:
     kwargs = dict(engine_args)
     kwargs["model"] = str(model)
     kwargs.setdefault("enable_prefix_caching", True)
+    kwargs.setdefault("scheduling_policy", "priority")
     if current_platform.is_cpu():
         for k, v in _CPU_DEFAULTS.items():
             if k == "kv_cache_memory_bytes" and os.environ.get("VLLM_CPU_KVCACHE_SPACE"):
@@ -93,12 +103,17 @@ class _AtmanEngineMixin:
     def embedding_rows(self, token_ids: Sequence[int]) -> np.ndarray | None:
         return self._embeddings.rows(token_ids) if self._embeddings is not None else None
 
-    def plan(self, request: ExplainRequest):
-        from .vllm.forks import check_fits
+    def plan(self, request: ExplainRequest, *, limits: PlanLimits = PlanLimits(), cancelled: CancelCheck | None = None):
+        """The request's plan within ``limits`` and the model's context (InvalidRequestError otherwise)."""
+        return plan_explanation(request, self.tokenizer, self.embedding_rows, limits=self._within_context(limits),
+                                cancelled=cancelled)
 
-        plan = plan_explanation(request, self.tokenizer, self.embedding_rows)
-        check_fits(len(plan.encoded.token_ids), self.max_model_len)
-        return plan
+    def _within_context(self, limits: PlanLimits) -> PlanLimits:
+        # -1: a fork samples one (discarded) token after the sequence.
+        context = Limit(self.max_model_len - 1, f"this model serves at most {self.max_model_len - 1} tokens")
+        if limits.tokens is None or limits.tokens.value > context.value:
+            return replace(limits, tokens=context)
+        return limits
 
     def _controlled_prompt(self, prompt: str, controls, control_mode, control_kappa, control_overlap):
         from vllm.inputs import TokensPrompt
@@ -188,23 +203,35 @@ class AtmanLLM(_AtmanEngineMixin, Explainer):
 class AsyncAtmanLLM(_AtmanEngineMixin):
     """AtMan on vLLM's ``AsyncLLM``: the engine the server shares with generation."""
 
-    def __init__(self, engine, model_dir: str):
+    def __init__(self, engine, model_dir: str, *, explain_priority: int = DEFAULT_EXPLAIN_PRIORITY,
+                 planning_threads: int = 2):
         self.engine = engine
         self.vllm_config = engine.vllm_config
+        self.explain_priority = explain_priority
+        # Planning has threads of its own, so a slow plan holds up neither the event
+        # loop nor anything else that uses asyncio's default executor.
+        self._planner = ThreadPoolExecutor(max_workers=planning_threads, thread_name_prefix="atman-plan")
         self._init_common(model_dir, engine.tokenizer, self.vllm_config.model_config.max_model_len)
 
     @classmethod
-    def from_engine_args(cls, model: str, **engine_args) -> "AsyncAtmanLLM":
+    def from_engine_args(cls, model: str, *, explain_priority: int = DEFAULT_EXPLAIN_PRIORITY,
+                         planning_threads: int = 2, **engine_args) -> "AsyncAtmanLLM":
         from vllm.engine.arg_utils import AsyncEngineArgs
         from vllm.v1.engine.async_llm import AsyncLLM
 
         engine = AsyncLLM.from_engine_args(AsyncEngineArgs(**_engine_kwargs(model, engine_args)))
-        return cls(engine, model)
+        return cls(engine, model, explain_priority=explain_priority, planning_threads=planning_threads)
 
-    async def plan_async(self, request: ExplainRequest):
-        """``plan`` in a worker thread: planning a long token-granularity request
-        (with κ) takes long enough to stall every other call on the event loop."""
-        return await asyncio.to_thread(self.plan, request)
+    async def plan_async(self, request: ExplainRequest, *, limits: PlanLimits = PlanLimits()):
+        """``plan`` on the planning threads. Cancelling the awaiting task (the
+        client went away, the deadline passed) stops the plan at its next check."""
+        stop = threading.Event()
+        future = asyncio.get_running_loop().run_in_executor(
+            self._planner, lambda: self.plan(request, limits=limits, cancelled=stop.is_set))
+        try:
+            return await future
+        finally:
+            stop.set()  # a no-op once the plan is done
 
     def prompt_tokens(self, prompt: str) -> int:
         """Tokens of a prompt as the engine sees it (with BOS), validating it."""
@@ -217,7 +244,8 @@ class AsyncAtmanLLM(_AtmanEngineMixin):
 
         req = fork_request(job)
         final = None
-        async for out in self.engine.generate(req.prompt, req.params, request_id=request_id):
+        async for out in self.engine.generate(req.prompt, req.params, request_id=request_id,
+                                              priority=self.explain_priority):
             final = out
         return index, fork_result(job, final)
 
@@ -283,5 +311,7 @@ class AsyncAtmanLLM(_AtmanEngineMixin):
         return (await self.kv_block_stats())["free"]
 
     def shutdown(self) -> None:
+        # A running plan stops at its next check (its caller was cancelled); none waits to start.
+        self._planner.shutdown(wait=False, cancel_futures=True)
         self.engine.shutdown()
         close_engine_sockets(self.engine.engine_core)

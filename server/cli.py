@@ -14,11 +14,14 @@ import os
 import sys
 from pathlib import Path
 
+from atman_vllm.api import DEFAULT_EXPLAIN_PRIORITY
+
 from .limits import (
     DEFAULT_MAX_CONCURRENT_EXPLAINS,
     DEFAULT_MAX_GENERATE_TOKENS,
     DEFAULT_MAX_MESSAGE_BYTES,
     DEFAULT_MAX_UNITS,
+    PROMPT_CHARS_PER_TOKEN,
 )
 from .runner import ServeConfig, run
 
@@ -59,11 +62,18 @@ def _service_arguments(parser: argparse.ArgumentParser) -> None:
     limits.add_argument("--max-generate-tokens", type=int, default=DEFAULT_MAX_GENERATE_TOKENS,
                         help="max_tokens per Generate call (default %(default)s)")
     limits.add_argument("--max-message-bytes", type=int, default=DEFAULT_MAX_MESSAGE_BYTES,
-                        help="gRPC send/receive message limit (default %(default)s)")
+                        help="request/response size limit, gRPC messages and HTTP bodies (default %(default)s)")
+    limits.add_argument("--max-prompt-chars", type=int, default=None,
+                        help="characters of a prompt or target, checked before tokenizing (default: "
+                             f"{PROMPT_CHARS_PER_TOKEN} x --max-explain-tokens)")
 
     misc = parser.add_argument_group("service")
     misc.add_argument("--kv-cache-space-gib", type=float, default=None,
                       help="KV-cache size in GiB (sets vLLM's kv_cache_memory_bytes)")
+    misc.add_argument("--explain-priority", type=int, default=DEFAULT_EXPLAIN_PRIORITY,
+                      help="vLLM scheduling priority of an explanation's forks; generation runs at 0 and lower "
+                           "values go first, so the default %(default)s keeps explanations from delaying "
+                           "generation (needs vLLM's --scheduling-policy priority, the default here)")
     misc.add_argument("--grace-period", type=float, default=30.0,
                       help="seconds running calls get to finish after SIGTERM (default %(default)s)")
     misc.add_argument("--log-prompts", action="store_true",
@@ -128,6 +138,8 @@ def main(argv: list[str] | None = None) -> int:
         max_concurrent_explains=args.max_concurrent_explains,
         max_generate_tokens=args.max_generate_tokens,
         max_message_bytes=args.max_message_bytes,
+        max_prompt_chars=args.max_prompt_chars,
+        explain_priority=args.explain_priority,
         auth_token=args.auth_token or os.environ.get(AUTH_TOKEN_ENV) or None,
         tls_cert=args.tls_cert,
         tls_key=args.tls_key,

@@ -70,12 +70,28 @@ def _is_engine_dead(exc: BaseException) -> bool:
     return isinstance(exc, EngineDeadError)
 
 
+def _vllm_client_error(exc: BaseException) -> ServiceError | None:
+    """vLLM's own verdict on a bad request (prompt longer than the context, a bad
+    sampling parameter, ...): the caller's fault, so INVALID_ARGUMENT naming the field."""
+    from vllm.exceptions import VLLMClientError, VLLMNotFoundError
+
+    if not isinstance(exc, VLLMClientError):
+        return None
+    message = str(exc)
+    field = getattr(exc, "parameter", None) or ("prompt" if "prompt" in message else "request")
+    code = ErrorCode.NOT_FOUND if isinstance(exc, VLLMNotFoundError) else ErrorCode.INVALID_ARGUMENT
+    return ServiceError(code, f"{field}: {message}", field)
+
+
 def service_error_from(exc: BaseException, *, request_id: str = "") -> ServiceError:
     """The status a caller gets for ``exc`` (CancelledError is never passed here)."""
     if isinstance(exc, ServiceError):
         return exc
     if isinstance(exc, InvalidRequestError):
         return ServiceError(ErrorCode.INVALID_ARGUMENT, f"{exc.field}: {exc.message}", exc.field)
+    client_error = _vllm_client_error(exc)
+    if client_error is not None:
+        return client_error
     if isinstance(exc, (TimeoutError, asyncio.TimeoutError)):
         return ServiceError(ErrorCode.DEADLINE_EXCEEDED, "deadline exceeded; every fork of the call was aborted")
     if _is_engine_dead(exc):

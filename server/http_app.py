@@ -5,70 +5,23 @@ vLLM builds the app (completions, chat completions, models, tokenize,
 /metrics, /health) from its own serve arguments; we parse those with vLLM's
 own parser so every default is vLLM's, and hand it the engine the gRPC side
 uses. Its bearer-token middleware guards every ``/v1`` path, ours included.
-
-Completions and chat completions take attention ``controls`` as extra body
-fields (``ControlsMiddleware``): they are validated, removed, and passed to
-the engine as a bias in vLLM's standard ``vllm_xargs``.
+``http_guard.RequestGuard`` sits in front of every route (body size, the
+reserved ``vllm_xargs.atman``, the controls of ``http_controls``);
+``http_server`` runs it all on uvicorn inside our event loop.
 """
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
-import json
-import re
-import socket
-import uuid
-from dataclasses import dataclass
-
-import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from starlette.middleware import Middleware
 
-from atman_vllm.core.controls import Control, check_controls, controls_bias, plan_controls
-from atman_vllm.core.options import ExplainOptions, InvalidRequestError
-from atman_vllm.core.plan import KeyBias
-from atman_vllm.core.tokens import EncodedPrompt
-from atman_vllm.vllm.wire import EXTRA_ARGS_KEY, AtmanRequestInfo
+from .http_bodies import ExplainBody, explain_request_schema, parse_explain_body
+from .http_controls import CHAT_COMPLETIONS_PATH, COMPLETIONS_PATH, ControlPlanner
+from .http_guard import RequestGuard, error_response
+from .service import AtmanService
 
-from .errors import ServiceError, invalid, service_error_from
-from .service import CONTROL_FIELD_NAMES, AtmanService, check_text
-
-EXPLAIN_BODY_FIELDS = ("model", "prompt", "target", "options")
-
-
-def parse_explain_body(body: bytes) -> tuple[str | None, str, str, ExplainOptions]:
-    """(model, prompt, target, options) of a /v1/explain body; errors name the field.
-
-    Bytes that are not UTF-8 become lone surrogates (``surrogateescape``), so
-    the text check names the string field they are in, exactly as for a JSON
-    ``"\\ud800"`` escape.
-    """
-    try:
-        data = json.loads(body.decode("utf-8", errors="surrogateescape"))
-    except json.JSONDecodeError as exc:
-        raise invalid("body", f"is not valid JSON: {exc}") from None
-    if not isinstance(data, dict):
-        raise invalid("body", "must be a JSON object with prompt, target and options")
-    unknown = sorted(set(data) - set(EXPLAIN_BODY_FIELDS))
-    if unknown:
-        raise invalid(unknown[0], f"unknown field; expected some of {', '.join(EXPLAIN_BODY_FIELDS)}")
-    for name in ("prompt", "target"):
-        if name not in data:
-            raise invalid(name, "is required")
-    options = data.get("options") or {}
-    if not isinstance(options, dict):
-        raise invalid("options", "must be a JSON object")
-    model = data.get("model")
-    if model is not None and not isinstance(model, str):
-        raise invalid("model", "must be a string")
-    return model, data["prompt"], data["target"], ExplainOptions.from_dict(options)
-
-
-def _error_response(exc: Exception) -> JSONResponse:
-    error = service_error_from(exc)
-    return JSONResponse(error.to_http_body(), status_code=error.code.http_status)
+EXPLAIN_PATH = "/v1/explain"
 
 
 def add_explain_route(app: FastAPI, service: AtmanService) -> None:
@@ -83,324 +36,23 @@ def add_explain_route(app: FastAPI, service: AtmanService) -> None:
         try:
             result = await service.explain(parse, transport="http")
         except Exception as exc:
-            return _error_response(exc)
+            return error_response(exc)
         return JSONResponse(result.to_dict())
 
     async def explain(raw_request: Request) -> JSONResponse:
-        # The body is read before listening for a disconnect (with_cancellation
-        # consumes the request's messages), and never beyond the message limit.
-        body = bytearray()
-        async for chunk in raw_request.stream():
-            body += chunk
-            if len(body) > service.limits.max_message_bytes:
-                return _error_response(invalid("body", f"is larger than {service.limits.max_message_bytes} bytes "
-                                                       "(--max-message-bytes)"))
-        return await explain_after_body(bytes(body), raw_request=raw_request)
+        # Read before listening for a disconnect (with_cancellation consumes the
+        # request's messages); RequestGuard has bounded its size already.
+        return await explain_after_body(await raw_request.body(), raw_request=raw_request)
 
-    app.add_api_route("/v1/explain", explain, methods=["POST"],
-                      summary="AtMan explanation of a target after a prompt (the JSON contract)")
+    async def schema() -> JSONResponse:
+        return JSONResponse(explain_request_schema())
 
-
-# --- attention controls on vLLM's completion routes --------------------------------
-
-CONTROL_FIELDS = ("controls", "control_mode", "control_kappa", "control_overlap")
-COMPLETIONS_PATH = "/v1/completions"
-CHAT_COMPLETIONS_PATH = "/v1/chat/completions"
-# Control keys a request may send; "message" only on chat completions.
-CONTROL_KEYS = ("start", "length", "factor")
-CHAT_CONTROL_KEYS = (*CONTROL_KEYS, "message")
-# Fields whose effect would move the prompt's tokens away from the positions the bias names,
-# or drop the bias (beam search builds its own sampling parameters, without vllm_xargs).
-INCOMPATIBLE_WITH_CONTROLS = ("truncate_prompt_tokens", "prompt_embeds", "use_beam_search")
-
-
-@dataclass(frozen=True)
-class ControlRequest:
-    """The control fields of a completions body, before validation."""
-
-    controls: list
-    mode: str
-    kappa: float | None
-    overlap: str
-
-    @classmethod
-    def pop_from(cls, data: dict) -> "ControlRequest":
-        """Remove the control fields from ``data`` (vLLM must not see them)."""
-        fields = {name: data.pop(name, None) for name in CONTROL_FIELDS}
-        controls = fields["controls"]
-        if controls is None:
-            controls = []
-        if not isinstance(controls, list):
-            raise invalid("controls", f"must be a list of {{start, length, factor}} objects, got "
-                                      f"{type(controls).__name__}")
-        return cls(controls, fields["control_mode"] or "log-additive", fields["control_kappa"],
-                   fields["control_overlap"] or "partial")
-
-    def reject_unknown_keys(self, allowed: tuple[str, ...]) -> None:
-        for i, c in enumerate(self.controls):
-            unknown = sorted(set(c) - set(allowed)) if isinstance(c, dict) else []
-            if unknown:
-                raise invalid("controls", f"controls[{i}] has the unknown field {unknown[0]!r}; expected "
-                                          f"{', '.join(allowed)}")
-
-
-@dataclass(frozen=True)
-class RenderedChat:
-    """A chat request's prompt as vLLM renders and tokenizes it for the engine."""
-
-    text: str
-    token_ids: tuple[int, ...]
-    offsets: tuple[tuple[int, int], ...]  # char offsets of each token into text; (0, 0) for added specials
-
-
-class ReplyInstead(Exception):
-    """vLLM refused the request while we rendered it: send its own reply unchanged."""
-
-    def __init__(self, response: JSONResponse):
-        super().__init__("vLLM refused the request")
-        self.response = response
-
-
-class ControlPlanner:
-    """Turns the controls of a completions / chat completions body into the engine's bias.
-
-    The controls leave the body; the bias goes to the engine through vLLM's
-    standard ``vllm_xargs`` (``{"atman": AtmanRequestInfo(bias).to_json()}``),
-    which becomes ``SamplingParams.extra_args``. Positions must be those of
-    the token ids the engine runs: a completion's text prompt is replaced by
-    the ids we planned on; a chat prompt is rendered and tokenized by vLLM's
-    own renderer, exactly as its chat handler will do it again.
-    """
-
-    def __init__(self, llm, online_renderer):
-        self.llm = llm
-        self.renderer = online_renderer
-
-    async def rewrite(self, path: str, body: bytes) -> bytes | None:
-        """The body vLLM should see instead (None: pass it on unchanged)."""
-        try:
-            data = json.loads(body)
-        except (UnicodeDecodeError, json.JSONDecodeError):
-            return None  # vLLM reports a malformed body itself
-        if not isinstance(data, dict) or not any(name in data for name in CONTROL_FIELDS):
-            return None
-        request = ControlRequest.pop_from(data)
-        if request.controls:
-            for name in INCOMPATIBLE_WITH_CONTROLS:
-                if data.get(name) not in (None, False):
-                    raise invalid("controls", f"cannot be combined with {name}")
-        try:
-            # Mode, kappa and overlap are checked even without controls (as plan_controls does).
-            controls_bias(EncodedPrompt((), 0, ()), "", (), request.mode, request.kappa, request.overlap)
-            if path == COMPLETIONS_PATH:
-                bias = self._steer_completion(data, request)
-            else:
-                bias = await self._steer_chat(data, request)
-        except InvalidRequestError as exc:
-            # The core names control options by their Python API names.
-            raise invalid(CONTROL_FIELD_NAMES.get(exc.field, exc.field), exc.message) from exc
-        if bias is not None:
-            xargs = data.get("vllm_xargs")
-            if xargs is None:
-                xargs = {}
-            if not isinstance(xargs, dict):
-                raise invalid("vllm_xargs", "must be a JSON object")
-            if EXTRA_ARGS_KEY in xargs:
-                raise invalid("controls", f"cannot be combined with vllm_xargs.{EXTRA_ARGS_KEY}")
-            data["vllm_xargs"] = {**xargs, EXTRA_ARGS_KEY: AtmanRequestInfo(bias).to_json()}
-        return json.dumps(data).encode()
-
-    # --- /v1/completions ------------------------------------------------------------
-
-    def _steer_completion(self, data: dict, request: ControlRequest) -> KeyBias | None:
-        request.reject_unknown_keys(CONTROL_KEYS)
-        if not request.controls:
-            return None
-        prompt = data.get("prompt")
-        if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
-            prompt = prompt[0]
-        if isinstance(prompt, list) and len(prompt) > 1 and all(isinstance(p, str) for p in prompt):
-            raise invalid("controls", f"apply to one prompt; this request has {len(prompt)} prompts")
-        if not isinstance(prompt, str):
-            raise invalid("controls", "are character spans of a text prompt; send the prompt as one string")
-        if data.get("add_special_tokens") is False:
-            raise invalid("controls", "cannot be combined with add_special_tokens=false")
-        check_text("prompt", prompt)
-        token_ids, bias = plan_controls(prompt, self.llm.tokenizer, request.controls, request.mode,
-                                        request.kappa, request.overlap, self.llm.embedding_rows)
-        # The engine runs exactly the ids the bias was planned on (vLLM would tokenize
-        # the text the same way, BOS included, but this way it cannot differ).
-        data["prompt"] = list(token_ids)
-        return bias
-
-    # --- /v1/chat/completions -------------------------------------------------------
-
-    async def _steer_chat(self, data: dict, request: ControlRequest) -> KeyBias | None:
-        request.reject_unknown_keys(CHAT_CONTROL_KEYS)
-        if not request.controls:
-            return None
-        messages = data.get("messages")
-        if not isinstance(messages, list) or not messages:
-            raise invalid("controls", "steer chat messages, but the request has none")
-        groups: dict[int, list[tuple[int, object]]] = {}
-        for i, c in enumerate(request.controls):
-            m = len(messages) - 1
-            if isinstance(c, dict):
-                c = dict(c)
-                m = c.pop("message", m)
-            if not isinstance(m, int) or isinstance(m, bool) or not 0 <= m < len(messages):
-                raise invalid("controls", f"controls[{i}].message must be the index of a message "
-                                          f"(0 to {len(messages) - 1}), got {m!r}")
-            groups.setdefault(m, []).append((i, c))
-        contents: dict[int, str] = {}
-        checked: dict[int, tuple[Control, ...]] = {}
-        for m, group in sorted(groups.items()):
-            content = messages[m].get("content") if isinstance(messages[m], dict) else None
-            if not isinstance(content, str):
-                raise invalid("controls", f"controls[{group[0][0]}] steers messages[{m}], whose content is not "
-                                          "a string; only string content can be steered")
-            check_text(f"messages[{m}].content", content, allow_empty=True)
-            contents[m] = content
-            checked[m] = check_controls([c for _, c in group], len(content), text_name=f"messages[{m}].content",
-                                        indices=[i for i, _ in group])
-        rendered = await self._render_chat(data)
-        if rendered is None:
-            return None  # vLLM refuses the body; it says why
-        starts = await self._content_starts(data, contents, rendered.text)
-        # Spans move from message content into the rendered prompt; spans of different
-        # messages cannot overlap there, and those of one message were checked above.
-        shifted = sorted((Control(c.start + starts[m], c.length, c.factor) for m in checked for c in checked[m]),
-                         key=lambda c: c.start)
-        special_ids = set(self.llm.tokenizer.tok.all_special_ids)
-        # Leading special tokens (the BOS, from the template or add_special_tokens) are
-        # never steered, as in plan_controls.
-        first = next((i for i, t in enumerate(rendered.token_ids) if t not in special_ids), len(rendered.token_ids))
-        encoded = EncodedPrompt(rendered.token_ids, first, rendered.offsets[first:])
-        return controls_bias(encoded, rendered.text, shifted, request.mode, request.kappa, request.overlap,
-                             self.llm.embedding_rows)
-
-    async def _render_chat(self, data: dict) -> RenderedChat | None:
-        """The prompt vLLM's chat handler will run for ``data`` (None: the body is not a valid request)."""
-        from pydantic import ValidationError
-        from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
-        from vllm.entrypoints.serve.engine.protocol import ErrorResponse
-        from vllm.entrypoints.serve.exception_handling.error_response import create_error_response
-
-        try:
-            request = ChatCompletionRequest.model_validate({**data, "return_token_offsets": True})
-        except ValidationError:
-            return None
-        try:
-            result = await self.renderer.render_chat(request)
-        except Exception as exc:  # what vLLM's handler would have answered
-            result = create_error_response(exc)
-        if isinstance(result, ErrorResponse):
-            raise ReplyInstead(JSONResponse(result.model_dump(), status_code=result.error.code))
-        _, (engine_input,) = result
-        text, offsets = engine_input.get("prompt"), engine_input.get("prompt_token_offsets")
-        if not isinstance(text, str) or offsets is None:
-            raise invalid("controls", "this model's chat prompts have no text offsets (not rendered as text, or "
-                                      "not a fast tokenizer), so character spans cannot be placed")
-        return RenderedChat(text, tuple(int(t) for t in engine_input["prompt_token_ids"]),
-                            tuple((int(s), int(e)) for s, e in offsets))
-
-    async def _content_starts(self, data: dict, contents: dict[int, str], rendered: str) -> dict[int, int]:
-        """Where each steered message's content begins in the rendered prompt.
-
-        Searching for the content could find a copy elsewhere (a system prompt
-        quoting it); instead the chat is rendered once more with a unique
-        marker as each steered message's content. The template must copy the
-        content verbatim and once: putting the contents back in place of the
-        markers must give exactly the real rendering.
-        """
-        markers = {m: f"ATMANCONTROL{m}X{uuid.uuid4().hex}" for m in contents}
-        marked = {**data, "messages": [dict(msg, content=markers[m]) if m in markers else msg
-                                       for m, msg in enumerate(data["messages"])]}
-
-        def not_verbatim(m: int) -> ServiceError:
-            return invalid("controls", f"the chat template does not copy messages[{m}].content into the prompt "
-                                       "verbatim and once, so its spans cannot be placed")
-
-        try:
-            marked_render = await self._render_chat(marked)
-        except ReplyInstead:
-            marked_render = None
-        if marked_render is None:
-            raise not_verbatim(min(contents))
-        by_marker = {marker: m for m, marker in markers.items()}
-        starts: dict[int, int] = {}
-        rebuilt: list[str] = []
-        length = 0
-        for piece in re.split("(" + "|".join(markers.values()) + ")", marked_render.text):
-            m = by_marker.get(piece)
-            if m is not None:
-                if m in starts:
-                    raise not_verbatim(m)
-                starts[m] = length
-                piece = contents[m]
-            rebuilt.append(piece)
-            length += len(piece)
-        for m in contents:
-            if m not in starts:
-                raise not_verbatim(m)
-        if "".join(rebuilt) != rendered:
-            raise not_verbatim(min(contents))
-        return starts
-
-
-class ControlsMiddleware:
-    """ASGI middleware: steer POST /v1/completions and /v1/chat/completions bodies that carry controls.
-
-    Innermost of the app's middleware, so vLLM's bearer-token check runs
-    before any of this work. The body is read whole (vLLM's route reads it
-    whole too), rewritten, and replayed to vLLM; after it the original
-    ``receive`` delivers the disconnect that cancels a generation.
-    """
-
-    def __init__(self, app, planner: ControlPlanner):
-        self.app = app
-        self.planner = planner
-
-    async def __call__(self, scope, receive, send):
-        if (scope["type"] != "http" or scope["method"] != "POST"
-                or scope["path"] not in (COMPLETIONS_PATH, CHAT_COMPLETIONS_PATH)):
-            await self.app(scope, receive, send)
-            return
-        body = bytearray()
-        while True:
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                return  # nobody left to answer
-            body += message.get("body", b"")
-            if not message.get("more_body", False):
-                break
-        try:
-            rewritten = await self.planner.rewrite(scope["path"], bytes(body))
-        except ReplyInstead as reply:
-            await reply.response(scope, receive, send)
-            return
-        except Exception as exc:
-            await _error_response(exc)(scope, receive, send)
-            return
-        if rewritten is not None:
-            body = rewritten
-            headers = [(k, v) for k, v in scope["headers"] if k.lower() != b"content-length"]
-            scope = {**scope, "headers": [*headers, (b"content-length", str(len(body)).encode())]}
-        await self.app(scope, _replaying(bytes(body), receive), send)
-
-
-def _replaying(body: bytes, receive):
-    """An ASGI ``receive`` that delivers ``body`` once, then what the client sends next."""
-    delivered = False
-
-    async def replay():
-        nonlocal delivered
-        if not delivered:
-            delivered = True
-            return {"type": "http.request", "body": body, "more_body": False}
-        return await receive()
-
-    return replay
+    app.add_api_route(EXPLAIN_PATH, explain, methods=["POST"],
+                      summary="AtMan explanation of a target after a prompt (the JSON contract)",
+                      openapi_extra={"requestBody": {"required": True, "content": {
+                          "application/json": {"schema": ExplainBody.model_json_schema()}}}})
+    app.add_api_route(f"{EXPLAIN_PATH}/schema", schema, methods=["GET"],
+                      summary="JSON Schema of the POST /v1/explain body")
 
 
 async def build_openai_app(llm, service: AtmanService, *, auth_token: str | None,
@@ -419,57 +71,11 @@ async def build_openai_app(llm, service: AtmanService, *, auth_token: str | None
     app = build_app(args, supported_tasks, llm.engine.model_config)
     await init_app_state(llm.engine, app.state, args, supported_tasks)
     add_explain_route(app, service)
+    planner = ControlPlanner(llm, app.state.online_renderer, service.plan_limits)
     # Appended, not add_middleware: innermost, after vLLM's authentication. vLLM's
     # SageMaker bootstrap has already built the middleware stack: build it again.
-    app.user_middleware.append(Middleware(ControlsMiddleware,
-                                          planner=ControlPlanner(llm, app.state.online_renderer)))
+    app.user_middleware.append(Middleware(
+        RequestGuard, max_body_bytes=service.limits.max_message_bytes,
+        rewriters={COMPLETIONS_PATH: planner.rewrite, CHAT_COMPLETIONS_PATH: planner.rewrite}))
     app.middleware_stack = app.build_middleware_stack()
     return app
-
-
-class _EmbeddedUvicorn(uvicorn.Server):
-    """uvicorn inside our event loop: the process's signals are ours, not its."""
-
-    @contextlib.contextmanager
-    def capture_signals(self):
-        yield
-
-
-@dataclass
-class HttpServer:
-    app: FastAPI
-    host: str
-    port: int
-    tls: tuple[str, str] | None = None  # (cert file, key file)
-
-    def __post_init__(self):
-        # Bound here, not by uvicorn, so port 0 works and the real port is known at once.
-        family = socket.AF_INET6 if ":" in self.host else socket.AF_INET
-        self.socket = socket.socket(family, socket.SOCK_STREAM)
-        self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            self.socket.bind((self.host, self.port))
-        except OSError as exc:
-            self.socket.close()
-            raise OSError(exc.errno, f"cannot bind HTTP to {self.host}:{self.port}: {exc.strerror}") from exc
-        self.port = self.socket.getsockname()[1]
-        cert, key = self.tls if self.tls else (None, None)
-        self._config = uvicorn.Config(self.app, log_level="warning", ssl_certfile=cert, ssl_keyfile=key,
-                                      lifespan="on")
-        self._server = _EmbeddedUvicorn(self._config)
-        self._task = None
-
-    async def start(self) -> None:
-        self._task = asyncio.create_task(self._server.serve(sockets=[self.socket]))
-        while not self._server.started:
-            if self._task.done():  # failed at start-up: surface its exception
-                self._task.result()
-                raise RuntimeError("HTTP server stopped during start-up")
-            await asyncio.sleep(0.05)
-
-    async def stop(self, grace_s: float) -> None:
-        """Refuse new connections; give running requests ``grace_s``; cancel the rest."""
-        self._config.timeout_graceful_shutdown = grace_s
-        self._server.should_exit = True
-        if self._task is not None:
-            await self._task

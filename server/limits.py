@@ -12,6 +12,10 @@ DEFAULT_MAX_UNITS = 256
 DEFAULT_MAX_CONCURRENT_EXPLAINS = 4
 DEFAULT_MAX_GENERATE_TOKENS = 1024
 DEFAULT_MAX_MESSAGE_BYTES = 16 * 2**20
+# Prompt characters per allowed token, when --max-prompt-chars is not given: generous
+# (a BPE token is a handful of characters, a long whitespace run a few dozen) and still
+# small enough that tokenizing a text at the limit takes milliseconds.
+PROMPT_CHARS_PER_TOKEN = 64
 
 
 @dataclass(frozen=True)
@@ -21,6 +25,12 @@ class ServiceLimits:
     max_concurrent_explains: int = DEFAULT_MAX_CONCURRENT_EXPLAINS
     max_generate_tokens: int = DEFAULT_MAX_GENERATE_TOKENS
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
+    max_prompt_chars: int | None = None  # None: PROMPT_CHARS_PER_TOKEN × max_explain_tokens
+
+    @property
+    def prompt_chars(self) -> int:
+        """Characters of a prompt (or target), checked before anything tokenizes it."""
+        return self.max_prompt_chars or PROMPT_CHARS_PER_TOKEN * self.max_explain_tokens
 
 
 class ExplainSlots:

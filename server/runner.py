@@ -5,6 +5,12 @@ bound addresses (ports may be 0 = any free port), which the demo and the
 tests wait for. SIGTERM or SIGINT: health goes NOT_SERVING, both servers stop
 accepting, running calls get the grace period to finish, the rest are
 cancelled (their forks aborted), the engine shuts down, exit status 0.
+
+The engine dying (its core process killed, or a fatal error inside it) is
+watched for: health goes NOT_SERVING at once, running calls end with
+UNAVAILABLE / 503, and the process exits with status ENGINE_DIED_EXIT_STATUS
+within a few seconds so that a supervisor restarts it. Both exits are backed
+by a timer that ends the process even if something refuses to stop.
 """
 
 from __future__ import annotations
@@ -12,10 +18,14 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import signal
 import sys
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from atman_vllm.api import DEFAULT_EXPLAIN_PRIORITY
 
 from .grpc_service import GrpcServer
 from .limits import (
@@ -29,6 +39,36 @@ from .metrics import ServiceMetrics
 from .service import AtmanService, request_log
 
 log = logging.getLogger("atman_server")
+
+ENGINE_CHECK_INTERVAL_S = 0.25
+ENGINE_DIED_EXIT_STATUS = 3
+# How long a stopping process may take beyond what it was given (the grace period on
+# SIGTERM, nothing when the engine died) before it is ended regardless.
+STOP_MARGIN_S = 4.0
+
+
+def _exit_regardless_after(seconds: float, status: int, why: str) -> None:
+    """A daemon timer that ends the process if a clean stop takes longer than ``seconds``.
+
+    A clean stop waits for threads (a plan that has not yet noticed it was
+    cancelled, vLLM's own) and for the engine to shut down; neither may keep
+    a supervisor waiting.
+    """
+    def end() -> None:
+        log.error("%s: still not stopped after %.1f s; exiting now with status %d", why, seconds, status)
+        logging.shutdown()
+        os._exit(status)
+
+    timer = threading.Timer(seconds, end)
+    timer.daemon = True
+    timer.start()
+
+
+async def _watch_engine(llm, engine_died: asyncio.Event, stop: asyncio.Event) -> None:
+    while not llm.engine.errored:
+        await asyncio.sleep(ENGINE_CHECK_INTERVAL_S)
+    engine_died.set()
+    stop.set()
 
 
 @dataclass(frozen=True)
@@ -45,6 +85,8 @@ class ServeConfig:
     max_concurrent_explains: int = DEFAULT_MAX_CONCURRENT_EXPLAINS
     max_generate_tokens: int = DEFAULT_MAX_GENERATE_TOKENS
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
+    max_prompt_chars: int | None = None  # None: limits.PROMPT_CHARS_PER_TOKEN × max explain tokens
+    explain_priority: int = DEFAULT_EXPLAIN_PRIORITY
     auth_token: str | None = None
     tls_cert: Path | None = None
     tls_key: Path | None = None
@@ -58,7 +100,7 @@ def _limits(config: ServeConfig, max_model_len: int) -> ServiceLimits:
     return ServiceLimits(max_explain_tokens=max_tokens, max_units=config.max_units,
                          max_concurrent_explains=config.max_concurrent_explains,
                          max_generate_tokens=config.max_generate_tokens,
-                         max_message_bytes=config.max_message_bytes)
+                         max_message_bytes=config.max_message_bytes, max_prompt_chars=config.max_prompt_chars)
 
 
 def _announce(**addresses) -> None:
@@ -69,15 +111,17 @@ async def serve(config: ServeConfig) -> int:
     from atman_vllm.api import AsyncAtmanLLM
 
     loop = asyncio.get_running_loop()
-    stop = asyncio.Event()
+    stop, engine_died = asyncio.Event(), asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
 
     tls_files = (str(config.tls_cert), str(config.tls_key)) if config.tls_cert else None
     tls_bytes = (config.tls_cert.read_bytes(), config.tls_key.read_bytes()) if config.tls_cert else None
 
-    llm = AsyncAtmanLLM.from_engine_args(config.model, **config.engine_args)
+    llm = AsyncAtmanLLM.from_engine_args(config.model, explain_priority=config.explain_priority,
+                                         planning_threads=config.max_concurrent_explains, **config.engine_args)
     grpc_server = http_server = metrics_server = None
+    watchdog = asyncio.create_task(_watch_engine(llm, engine_died, stop))
     try:
         limits = _limits(config, llm.vllm_config.model_config.max_model_len)
         service = AtmanService(llm, limits, metrics=ServiceMetrics(), log_prompts=config.log_prompts)
@@ -88,7 +132,8 @@ async def serve(config: ServeConfig) -> int:
         addresses = {"grpc": f"{config.host}:{grpc_server.port}", "tls": tls_files is not None,
                      "model": llm.model_name}
         if config.openai:
-            from .http_app import HttpServer, build_openai_app
+            from .http_app import build_openai_app
+            from .http_server import HttpServer
 
             app = await build_openai_app(llm, service, auth_token=config.auth_token,
                                          chat_template=config.chat_template)
@@ -105,15 +150,31 @@ async def serve(config: ServeConfig) -> int:
         log.info("serving %s", json.dumps(addresses))
 
         await stop.wait()
-        log.info("shutting down: %.1f s grace for running calls", config.grace_s)
-        stops = [grpc_server.stop(config.grace_s)]
+        if engine_died.is_set():
+            log.error("the engine has stopped (its core process died or failed); running calls end with "
+                      "UNAVAILABLE, and the process exits with status %d so that a supervisor restarts it",
+                      ENGINE_DIED_EXIT_STATUS)
+            _exit_regardless_after(STOP_MARGIN_S, ENGINE_DIED_EXIT_STATUS, "engine died")
+            grace_s = 0.0  # nothing can finish without the engine
+        else:
+            _exit_regardless_after(config.grace_s + STOP_MARGIN_S, 1, "shutdown")
+            grace_s = config.grace_s
+        log.info("shutting down: %.1f s grace for running calls", grace_s)
+        stops = [grpc_server.stop(grace_s)]
         if http_server is not None:
-            stops.append(http_server.stop(config.grace_s))
+            stops.append(http_server.stop(grace_s))
         await asyncio.gather(*stops)
     finally:
+        watchdog.cancel()
         if metrics_server is not None:
             metrics_server.shutdown()
-        llm.shutdown()
+        try:
+            llm.shutdown()
+        except Exception:  # a dead engine may fail to shut down cleanly; the exit must still happen
+            log.exception("engine shutdown failed")
+    if engine_died.is_set():
+        log.error("stopped: the engine died")
+        return ENGINE_DIED_EXIT_STATUS
     log.info("stopped")
     return 0
 

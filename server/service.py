@@ -22,6 +22,7 @@ from dataclasses import dataclass
 
 from atman_vllm.core.controls import Control
 from atman_vllm.core.options import ExplainOptions, InvalidRequestError
+from atman_vllm.core.planning import Limit, PlanLimits
 from atman_vllm.core.requests import ExplainRequest
 from atman_vllm.core.results import ExplainResult
 
@@ -134,6 +135,9 @@ class AtmanService:
         self.metrics = metrics or ServiceMetrics()
         self.log_prompts = log_prompts
         self.slots = ExplainSlots(limits.max_concurrent_explains)
+        self.plan_limits = PlanLimits(prompt_chars=Limit(limits.prompt_chars, "the server's --max-prompt-chars"),
+                                      tokens=Limit(limits.max_explain_tokens, "the server's --max-explain-tokens"),
+                                      units=Limit(limits.max_units, "the server's --max-units"))
         self.metrics.explains_in_flight.set_function(lambda: self.slots.in_use)
         self._versions = _versions()
 
@@ -152,20 +156,25 @@ class AtmanService:
         check_text("target", target)
         if isinstance(options.delimiter, str):
             check_text("delimiter", options.delimiter, allow_empty=True)
-        return ExplainRequest(prompt=prompt, target=target, options=options.validated())
+            self.plan_limits.check_text("delimiter", options.delimiter)
+        request = ExplainRequest(prompt=prompt, target=target, options=options.validated())
+        self.plan_limits.check_chars(request)  # before anything tokenizes them
+        return request
 
     async def _plan_within_limits(self, request: ExplainRequest, record: _CallRecord):
-        """The request's plan (None when its target is generated first), within the limits."""
-        plan = await self.llm.plan_async(request) if request.target else None
-        record.tokens = plan.num_tokens if plan else self.llm.prompt_tokens(request.prompt)
-        record.units = plan.num_units if plan else 0
-        if record.tokens > self.limits.max_explain_tokens:
-            raise invalid("prompt", f"prompt + target are {record.tokens} tokens; this server explains at most "
-                                    f"{self.limits.max_explain_tokens} (--max-explain-tokens)")
-        if record.units > self.limits.max_units:
-            raise invalid("granularity", f"the request has {record.units} units; this server allows at most "
-                                         f"{self.limits.max_units} (--max-units): choose a coarser granularity")
-        return plan
+        """The request's plan (None when its target is generated first), within the limits.
+
+        Every limit is checked before the work it bounds (core's PlanLimits);
+        planning runs on the engine's planning threads and stops when this
+        call is cancelled (client gone, deadline passed).
+        """
+        if request.target:
+            plan = await self.llm.plan_async(request, limits=self.plan_limits)
+            record.tokens, record.units = plan.num_tokens, plan.num_units
+            return plan
+        record.tokens, record.units = self.llm.prompt_tokens(request.prompt), 0
+        self.plan_limits.check_tokens(record.tokens)
+        return None
 
     # --- explain -----------------------------------------------------------------
 
@@ -234,6 +243,7 @@ class AtmanService:
 
     def _check_generate(self, p: GenerateParams) -> GenerateParams:
         check_text("prompt", p.prompt)
+        self.plan_limits.check_text("prompt", p.prompt)
         if not 1 <= p.max_tokens <= self.limits.max_generate_tokens:
             raise invalid("max_tokens", f"must be between 1 and {self.limits.max_generate_tokens}, got {p.max_tokens}")
         if not (math.isfinite(p.temperature) and p.temperature >= 0):

@@ -20,7 +20,17 @@ from .options import (
     check_spans,
 )
 from .plan import ForkJob, ForkResult, KeyBias
-from .planning import EmbeddingRows, ExplainPlan, TokenSimilarity, plan_explanation, unit_bias
+from .planning import (
+    CancelCheck,
+    EmbeddingRows,
+    ExplainPlan,
+    Limit,
+    PlanCancelled,
+    PlanLimits,
+    TokenSimilarity,
+    plan_explanation,
+    unit_bias,
+)
 from .requests import ExplainRequest
 from .results import (
     EXPLAIN_RESULT_SCHEMA,
@@ -36,10 +46,10 @@ from .tokens import EncodedInput, EncodedPrompt, HFTokenizer, Tokenizer, encode_
 from .units import AUTO_MAX_UNITS, Unit, segment_prompt, target_units
 
 __all__ = [
-    "AUTO_MAX_UNITS", "Control", "EXPLAIN_RESULT_SCHEMA", "EmbeddingRows", "EncodedInput", "EncodedPrompt",
+    "AUTO_MAX_UNITS", "CancelCheck", "Control", "EXPLAIN_RESULT_SCHEMA", "EmbeddingRows", "EncodedInput", "EncodedPrompt",
     "ExplainOptions", "ExplainPlan", "ExplainRequest", "ExplainResult", "ExplainStats", "Explainer",
     "ExplanationForTarget", "ForkJob", "ForkResult", "Granularity", "HFTokenizer", "InvalidRequestError",
-    "KeyBias", "Mode", "Overlap", "Postprocessing", "SpanScore", "TargetGranularity", "TargetToken", "TextSpan",
+    "KeyBias", "Limit", "Mode", "Overlap", "PlanCancelled", "PlanLimits", "Postprocessing", "SpanScore", "TargetGranularity", "TargetToken", "TextSpan",
     "TokenSimilarity", "Tokenizer", "Unit", "check_factor", "check_kappa", "check_spans", "correlated_factors",
     "cosine_similarity", "encode_input", "encode_prompt", "make_options", "normalize_scores", "plan_controls",
     "plan_explanation", "postprocess", "raw_deltas", "score_explanations", "segment_prompt", "target_units",

@@ -25,7 +25,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from .correlation import correlated_factors
-from .options import InvalidRequestError, Mode, _enum, check_factor, check_kappa
+from .options import MAX_FACTOR, MIN_FACTOR, InvalidRequestError, Mode, _enum, check_factor, check_kappa, factor_in_range
 from .plan import KeyBias
 from .planning import EmbeddingRows, TokenSimilarity
 from .tokens import EncodedPrompt, Tokenizer, encode_prompt
@@ -62,8 +62,8 @@ def _coerce(i: int, c: Any, text_length: int, text_name: str) -> Control:
             "controls", f"controls[{i}] span ({c.start}, {c.length}) lies outside {text_name} (length {text_length})")
     try:
         factor = check_factor(c.factor, "controls")
-    except InvalidRequestError:
-        raise InvalidRequestError("controls", f"controls[{i}].factor must be finite and > 0, got {c.factor!r}") from None
+    except InvalidRequestError as exc:
+        raise InvalidRequestError("controls", f"controls[{i}].factor {exc.message}") from None
     return Control(c.start, c.length, factor)
 
 
@@ -138,6 +138,10 @@ def controls_bias(
     positions = tuple(int(p) for p in np.flatnonzero(factors != 1.0))
     if not positions:
         return None
+    for p in positions:
+        if not factor_in_range(float(factors[p])):
+            raise InvalidRequestError("controls", f"controls reaching token {p} multiply to a factor of "
+                                                  f"{factors[p]:g}, outside [{MIN_FACTOR:g}, {MAX_FACTOR:g}]")
     return KeyBias(positions, tuple(float(factors[p]) for p in positions), mode)
 
 

@@ -15,28 +15,42 @@ from typing import Sequence
 import numpy as np
 
 
-def cosine_similarity(rows: np.ndarray, token_ids: Sequence[int] | None = None) -> np.ndarray:
-    """Pairwise cosine similarity of embedding rows [n, d] -> [n, n].
+class CosineSimilarity:
+    """Pairwise cosine similarity of embedding rows [n, d], computed block by block on demand.
 
-    A zero row is similar to nothing (0.0). Identical rows (and, if
-    ``token_ids`` is given, equal token ids) are set to exactly 1.0 so that
-    kappa = 1 always catches exact duplicates despite rounding.
+    Memory is O(n·d) whatever n is (never an n × n matrix), so correlated
+    suppression stays bounded for any prompt. A zero row is similar to
+    nothing (0.0). Identical rows (and, if ``token_ids`` is given, equal token
+    ids) are exactly 1.0 similar, so kappa = 1 always catches exact duplicates
+    despite rounding (u·u of a normalised row can come out as 1 - 1e-16).
     """
-    x = np.asarray(rows, dtype=np.float64)
-    norms = np.linalg.norm(x, axis=1, keepdims=True)
-    unit = np.divide(x, norms, out=np.zeros_like(x), where=norms > 0)
-    sim = np.clip(unit @ unit.T, -1.0, 1.0)
-    # u·u of a normalised row can come out as 1 - 1e-16; duplicates must compare exactly.
-    _, row_class = np.unique(x, axis=0, return_inverse=True)
-    row_class = row_class.reshape(-1)
-    nonzero = norms.reshape(-1) > 0
-    same = (row_class[:, None] == row_class[None, :]) & nonzero[:, None] & nonzero[None, :]
-    np.fill_diagonal(same, True)
-    if token_ids is not None:
-        ids = np.asarray(token_ids)
-        same |= ids[:, None] == ids[None, :]
-    sim[same] = 1.0
-    return sim
+
+    def __init__(self, rows: np.ndarray, token_ids: Sequence[int] | None = None):
+        x = np.asarray(rows, dtype=np.float64)
+        norms = np.linalg.norm(x, axis=1, keepdims=True)
+        self._unit = np.divide(x, norms, out=np.zeros_like(x), where=norms > 0)
+        _, row_class = np.unique(x, axis=0, return_inverse=True)
+        self._class = row_class.reshape(-1)
+        self._nonzero = norms.reshape(-1) > 0
+        self._ids = None if token_ids is None else np.asarray(token_ids)
+
+    def block(self, a: Sequence[int], b: Sequence[int]) -> np.ndarray:
+        """[len(a), len(b)] similarities of rows ``a`` to rows ``b``."""
+        a, b = np.asarray(a, dtype=np.int64), np.asarray(b, dtype=np.int64)
+        sim = np.clip(self._unit[a] @ self._unit[b].T, -1.0, 1.0)
+        same = ((self._class[a][:, None] == self._class[b][None, :])
+                & self._nonzero[a][:, None] & self._nonzero[b][None, :])
+        same |= a[:, None] == b[None, :]
+        if self._ids is not None:
+            same |= self._ids[a][:, None] == self._ids[b][None, :]
+        sim[same] = 1.0
+        return sim
+
+
+def cosine_similarity(rows: np.ndarray, token_ids: Sequence[int] | None = None) -> np.ndarray:
+    """The full [n, n] matrix of ``CosineSimilarity`` (for small n: tests, tools)."""
+    n = np.asarray(rows).shape[0]
+    return CosineSimilarity(rows, token_ids).block(range(n), range(n))
 
 
 def correlated_factors(

@@ -58,14 +58,34 @@ def _enum(cls, value, name: str):
         raise InvalidRequestError(name, f"unknown value {value!r}; expected one of {allowed}") from None
 
 
+# The factors every entry point accepts, in both modes. Within them the engine's
+# arithmetic stays finite in float32, bfloat16 and float16 alike: |log f| <= 13.9
+# (log-additive), and multiplicative scaling by at most 100x keeps f·(H − m) below
+# float16's 65504 for any score spread H − m < 655 (the kernels compute scores in
+# float32 anyway). 1e-6 already removes a key's weight to below float32 rounding of
+# the others; beyond 100x one key takes all the weight. docs/service.md states it.
+MIN_FACTOR = 1e-6
+MAX_FACTOR = 100.0
+
+
+def check_number(value, name: str) -> float:
+    """A real number as a float: booleans and strings are refused, not coerced."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise InvalidRequestError(name, f"must be a number, got {type(value).__name__} {value!r}")
+    return float(value)
+
+
+def factor_in_range(f: float) -> bool:
+    return MIN_FACTOR <= f <= MAX_FACTOR  # also False for NaN
+
+
 def check_factor(value, name: str = "factor") -> float:
-    """A suppression/amplification factor: finite and > 0."""
-    try:
-        f = float(value)
-    except (TypeError, ValueError):
-        raise InvalidRequestError(name, f"must be a number, got {value!r}") from None
+    """A suppression/amplification factor in [MIN_FACTOR, MAX_FACTOR]."""
+    f = check_number(value, name)
     if not math.isfinite(f) or f <= 0:
         raise InvalidRequestError(name, f"must be finite and > 0, got {value!r}")
+    if not factor_in_range(f):
+        raise InvalidRequestError(name, f"must be between {MIN_FACTOR:g} and {MAX_FACTOR:g}, got {value!r}")
     return f
 
 
@@ -74,9 +94,9 @@ def check_kappa(value, name: str = "kappa") -> float | None:
     if value is None:
         return None
     try:
-        kappa = float(value)
-    except (TypeError, ValueError):
-        raise InvalidRequestError(name, f"must be a number in [0, 1], got {value!r}") from None
+        kappa = check_number(value, name)
+    except InvalidRequestError:
+        raise InvalidRequestError(name, f"must be a number in [0, 1], got {type(value).__name__} {value!r}") from None
     if not (0.0 <= kappa <= 1.0):  # also rejects NaN
         raise InvalidRequestError(name, f"must be in [0, 1], got {value!r}")
     return kappa

@@ -8,12 +8,11 @@ into the JSON-contract result. Backends never see text, units or options.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import numpy as np
 
-from .options import Mode
+from .options import MAX_FACTOR, MIN_FACTOR, Mode, factor_in_range
 
 
 @dataclass(frozen=True)
@@ -34,8 +33,8 @@ class KeyBias:
             raise ValueError("positions and factors differ in length")
         if any(b <= a for a, b in zip(self.positions, self.positions[1:])):
             raise ValueError("positions must be strictly increasing")
-        if any(not (math.isfinite(f) and f > 0) for f in self.factors):
-            raise ValueError("factors must be finite and > 0")
+        if not all(isinstance(f, float) and factor_in_range(f) for f in self.factors):
+            raise ValueError(f"factors must be floats between {MIN_FACTOR:g} and {MAX_FACTOR:g}")
 
     @property
     def first_position(self) -> int:

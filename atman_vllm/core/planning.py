@@ -12,7 +12,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from .correlation import correlated_factors, cosine_similarity
+from .correlation import CosineSimilarity, correlated_factors
 from .options import ExplainOptions, InvalidRequestError, Mode
 from .plan import ForkJob, ForkResult, KeyBias
 from .requests import ExplainRequest
@@ -23,13 +23,67 @@ from .units import Unit, segment_prompt, target_units
 
 # Input-embedding rows [n, d] for the given token ids; None when the backend cannot provide them.
 EmbeddingRows = Callable[[Sequence[int]], "np.ndarray | None"]
+# Polled while planning; True stops it with PlanCancelled (the caller went away or ran out of time).
+CancelCheck = Callable[[], bool]
+
+
+class PlanCancelled(Exception):
+    """Planning stopped because its ``cancelled`` check said so."""
+
+
+@dataclass(frozen=True)
+class Limit:
+    value: int
+    source: str = ""  # where the limit is set, for the message (e.g. "the server's --max-units")
+
+
+@dataclass(frozen=True)
+class PlanLimits:
+    """What one explanation may cost, each checked before the work it bounds.
+
+    Prompt characters before tokenizing; tokens (prompt + target) before
+    segmentation; units before correlated suppression and the fork plans. So
+    no request can make planning run long or allocate much, whatever its size.
+    """
+
+    prompt_chars: Limit | None = None
+    tokens: Limit | None = None
+    units: Limit | None = None
+
+    def check_chars(self, request: ExplainRequest) -> None:
+        self.check_text("prompt", request.prompt)
+        self.check_text("target", request.target)
+
+    def check_text(self, field: str, text) -> None:
+        """A text of at most ``prompt_chars`` characters (before anything tokenizes it)."""
+        limit = self.prompt_chars
+        if limit is not None and isinstance(text, str) and len(text) > limit.value:
+            raise InvalidRequestError(field, f"is {len(text)} characters; at most {limit.value} are taken "
+                                             f"here{_from(limit)}")
+
+    def check_tokens(self, num_tokens: int) -> None:
+        limit = self.tokens
+        if limit is not None and num_tokens > limit.value:
+            raise InvalidRequestError("prompt", f"prompt + target are {num_tokens} tokens; at most {limit.value} "
+                                                f"are explained here{_from(limit)}")
+
+    def check_units(self, num_units: int) -> None:
+        limit = self.units
+        if limit is not None and num_units > limit.value:
+            raise InvalidRequestError("granularity", f"the request has {num_units} units; at most {limit.value} "
+                                                     f"are allowed{_from(limit)}: choose a coarser granularity")
+
+
+def _from(limit: Limit) -> str:
+    return f" ({limit.source})" if limit.source else ""
 
 
 class TokenSimilarity:
     """Cosine similarity of the input embeddings of a sequence's tokens, by position.
 
-    Computed once per distinct token id (a sequence repeats ids a lot), so
-    equal ids are exactly 1.0 similar and memory is O(distinct ids²), not O(L²).
+    Rows are kept once per distinct token id (a sequence repeats ids a lot), so
+    equal ids are exactly 1.0 similar; similarities are computed per call,
+    so memory is O(distinct ids · d), never O(L²).
     """
 
     def __init__(self, token_ids: Sequence[int], embedding_rows: EmbeddingRows | None, field: str = "kappa"):
@@ -41,14 +95,14 @@ class TokenSimilarity:
         rows = np.asarray(rows)
         if rows.ndim != 2 or rows.shape[0] != len(distinct):
             raise ValueError(f"embedding_rows returned shape {rows.shape} for {len(distinct)} token ids")
-        self._sim = cosine_similarity(rows)
+        self._sim = CosineSimilarity(rows)
         index = {t: i for i, t in enumerate(distinct)}
         self._row_of_position = np.array([index[t] for t in token_ids])
 
     def between(self, positions_a: Sequence[int], positions_b: Sequence[int]) -> np.ndarray:
         """[len(a), len(b)] similarities."""
         ra, rb = self._row_of_position[list(positions_a)], self._row_of_position[list(positions_b)]
-        return self._sim[np.ix_(ra, rb)]
+        return self._sim.block(ra, rb)
 
 
 def unit_bias(
@@ -115,17 +169,30 @@ class ExplainPlan:
 
 
 def plan_explanation(
-    request: ExplainRequest, tokenizer: Tokenizer, embedding_rows: EmbeddingRows | None = None
+    request: ExplainRequest,
+    tokenizer: Tokenizer,
+    embedding_rows: EmbeddingRows | None = None,
+    *,
+    limits: PlanLimits = PlanLimits(),
+    cancelled: CancelCheck | None = None,
 ) -> ExplainPlan:
     """Validate, tokenize, segment, and plan the n + 1 forward passes of one explanation.
 
-    ``embedding_rows`` is needed only when ``kappa`` is set.
+    ``embedding_rows`` is needed only when ``kappa`` is set. ``limits`` are
+    checked before the work each bounds; ``cancelled`` is polled between
+    stages and between units (PlanCancelled when it turns True).
     """
+    cancelled = cancelled or (lambda: False)
     options = request.options.validated()
+    limits.check_chars(request)
     encoded = encode_input(tokenizer, request.prompt, request.target)
+    limits.check_tokens(len(encoded.token_ids))
+    if cancelled():
+        raise PlanCancelled()
     units, granularity = segment_prompt(request.prompt, encoded.prompt_offsets, encoded.prompt_start, options)
     options = replace(options, granularity=granularity)
     t_units = target_units(request.target, encoded.target_offsets, encoded.target_start, options.target_granularity)
+    limits.check_units(len(units) + len(t_units))
 
     similarity, candidates = None, ()
     if options.kappa is not None:
@@ -135,6 +202,8 @@ def plan_explanation(
 
     jobs = [ForkJob(encoded.token_ids, encoded.target_start, None)]
     for unit in (*units, *t_units):
+        if cancelled():
+            raise PlanCancelled()
         bias = unit_bias(unit.positions, options.factor, options.mode, options.kappa, similarity, candidates)
         jobs.append(ForkJob(encoded.token_ids, encoded.target_start, bias))
     return ExplainPlan(request, encoded, tuple(units), tuple(t_units), options, jobs)

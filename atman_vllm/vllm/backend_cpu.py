@@ -15,9 +15,7 @@ from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend, CPUAttentio
 
 from atman_vllm.kernels.key_bias import attend_with_key_bias
 
-from .biased_attention import BATCH_BIAS_ATTR, KeyBiasTensors
-
-
+from .biased_attention import BATCH_BIAS_ATTR, KeyBiasTensors, refuse_unsupported_features
 
 
 def _plain(raw, bs, hs):
@@ -102,16 +100,7 @@ def gather_sequence_kv(key_cache, value_cache, block_ids, seq_len: int, decode_k
 class AtmanCPUAttentionBackendImpl(CPUAttentionBackendImpl):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        # The recomputation implements plain causal softmax attention; refuse
-        # model features it would silently get wrong.
-        unsupported = {
-            "sliding window": self.sliding_window != -1,
-            "ALiBi": self.alibi_slopes is not None,
-            "attention sinks": self.sinks is not None,
-            "logits soft-cap": bool(self.logits_soft_cap),
-            "quantised KV cache": self.is_fp8_kv_cache,
-        }
-        self._unsupported = [name for name, on in unsupported.items() if on]
+        refuse_unsupported_features(self, windowed=self.sliding_window != -1, quantised_kv=self.is_fp8_kv_cache)
 
     def forward(self, layer, query, key, value, kv_cache, attn_metadata, output,
                 output_scale=None, output_block_scale=None):
@@ -124,8 +113,6 @@ class AtmanCPUAttentionBackendImpl(CPUAttentionBackendImpl):
         if len(batch_bias) < attn_metadata.query_start_loc.shape[0] - 1:
             super().forward(layer, query, key, value, kv_cache, attn_metadata, output,
                             output_scale, output_block_scale)
-        if self._unsupported:
-            raise NotImplementedError(f"AtMan perturbations are not supported with {', '.join(self._unsupported)}")
         self._overwrite_perturbed_rows(layer, query, key, value, kv_cache, attn_metadata, output, batch_bias)
         return output
 

@@ -21,7 +21,7 @@ from vllm.v1.attention.backends.triton_attn import TritonAttentionBackend, Trito
 
 from atman_vllm.kernels import paged_attention_with_key_bias
 
-from .biased_attention import BATCH_BIAS_ATTR, KeyBiasTensors
+from .biased_attention import BATCH_BIAS_ATTR, KeyBiasTensors, refuse_unsupported_features
 
 _SUB_BATCH_ATTR = "atman_sub_batches"  # per-mode sub-batches cached on the step's metadata
 
@@ -80,6 +80,13 @@ class PerturbedSubBatch:
 
 
 class AtmanTritonAttentionImpl(TritonAttentionImpl):
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        from vllm.utils.torch_utils import is_quantized_kv_cache
+
+        refuse_unsupported_features(self, windowed=self.sliding_window not in (None, (-1, -1), -1),
+                                    quantised_kv=is_quantized_kv_cache(self.kv_cache_dtype))
+
     def forward(self, layer, query, key, value, kv_cache, attn_metadata, output,
                 output_scale=None, output_block_scale=None):
         super().forward(layer, query, key, value, kv_cache, attn_metadata, output,
@@ -87,8 +94,10 @@ class AtmanTritonAttentionImpl(TritonAttentionImpl):
         batch_bias = getattr(attn_metadata, BATCH_BIAS_ATTR, None) if attn_metadata is not None else None
         if not batch_bias or self.attn_type != AttentionType.DECODER:
             return output
-        if output_scale is not None or self.sliding_window not in (None, (-1, -1), -1):
-            raise NotImplementedError("AtMan perturbations need unquantised, full (non-windowed) attention")
+        if output_scale is not None:
+            # Only with vLLM's attention+quant fusion pass, which is not known when the layer is
+            # built; left to raise (GPU only, never measured: docs/vllm_touchpoints.md).
+            raise NotImplementedError("AtMan perturbations need unquantised attention output")
         key_cache, value_cache = kv_cache.transpose(1, 2).split(self.head_size, dim=-1)
         out = output.view(output.shape[0], self.num_heads, self.head_size)
         for sub in _sub_batches(attn_metadata, batch_bias):

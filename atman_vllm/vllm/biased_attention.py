@@ -15,6 +15,31 @@ from atman_vllm.kernels.key_bias import dense_row
 BATCH_BIAS_ATTR = "atman_bias"
 
 
+def refuse_unsupported_features(impl, *, windowed: bool, quantised_kv: bool) -> None:
+    """Refuse, when the engine builds its attention layers, model features the biased
+    recomputation would get wrong (it implements plain causal softmax attention).
+
+    Raised at start-up rather than in a step: a step that raises stops the engine
+    for every user. Decoder self-attention only; other layers never get a bias.
+    """
+    from vllm.v1.attention.backend import AttentionType
+
+    if getattr(impl, "attn_type", AttentionType.DECODER) != AttentionType.DECODER:
+        return
+    unsupported = {
+        "sliding-window attention": windowed,
+        "ALiBi": getattr(impl, "alibi_slopes", None) is not None,
+        "attention sinks": getattr(impl, "sinks", None) is not None,
+        "logits soft-cap": bool(getattr(impl, "logits_soft_cap", None)),
+        "a quantised KV cache": quantised_kv,
+    }
+    found = [name for name, on in unsupported.items() if on]
+    if found:
+        raise NotImplementedError(
+            f"atman-vllm cannot perturb attention with {', '.join(found)}: this model or KV-cache setting is not "
+            "supported (run without the atman plugin, e.g. VLLM_PLUGINS='', to serve it stock)")
+
+
 @dataclass(frozen=True)
 class KeyBiasTensors:
     """A KeyBias as tensors, built once per request and reused every step and layer."""

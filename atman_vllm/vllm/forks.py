@@ -15,7 +15,6 @@ import numpy as np
 from vllm import SamplingParams
 from vllm.inputs import TokensPrompt
 
-from atman_vllm.core.options import InvalidRequestError
 from atman_vllm.core.plan import ForkJob, ForkResult, KeyBias
 
 from .wire import AtmanRequestInfo
@@ -38,8 +37,13 @@ def fork_result(job: ForkJob, output) -> ForkResult:
     ce = output.prompt_token_id_logprobs
     if ce is None:
         raise RuntimeError("the engine returned no target scores: is the atman vLLM plugin installed?")
+    ce = np.asarray(ce, dtype=np.float64)
+    if ce.shape != (job.num_targets,) or not np.all(np.isfinite(ce)):
+        # The worker leaves a position NaN when it was not computed; it never raises in a step.
+        raise RuntimeError(f"the engine returned {ce.shape[0] if ce.ndim == 1 else ce.shape} target scores with "
+                           f"{int(np.sum(~np.isfinite(ce)))} missing or non-finite, for {job.num_targets} targets")
     cached = int(output.num_cached_tokens or 0)
-    return ForkResult(np.asarray(ce, dtype=np.float64), computed_tokens=len(job.token_ids) - cached, cached_tokens=cached)
+    return ForkResult(ce, computed_tokens=len(job.token_ids) - cached, cached_tokens=cached)
 
 
 def controlled_params(bias: KeyBias | None, **sampling) -> SamplingParams:
@@ -53,9 +57,3 @@ def unperturbed_first(jobs: Sequence[ForkJob]) -> tuple[list[int], list[int]]:
     first = [i for i, j in enumerate(jobs) if j.bias is None]
     return first, [i for i, j in enumerate(jobs) if j.bias is not None]
 
-
-def check_fits(num_tokens: int, max_model_len: int) -> None:
-    # +1: a fork samples one (discarded) token after the sequence.
-    if num_tokens + 1 > max_model_len:
-        raise InvalidRequestError(
-            "prompt", f"prompt and target are {num_tokens} tokens; this model serves at most {max_model_len - 1}")

@@ -15,13 +15,14 @@ def register() -> None:
     from vllm.v1.attention.backends.registry import AttentionBackendEnum, register_backend
     from vllm.v1.worker.gpu_model_runner import GPUModelRunner
 
-    from . import block_hash, runner_hooks
+    from . import admission, block_hash, runner_hooks
 
     if current_platform.is_cpu():
         register_backend(AttentionBackendEnum.CPU_ATTN, "atman_vllm.vllm.backend_cpu.AtmanCPUAttentionBackend")
     elif current_platform.is_cuda():
         # AtmanLLM selects TRITON_ATTN on CUDA: its cache layout is the one the kernel reads.
         register_backend(AttentionBackendEnum.TRITON_ATTN, "atman_vllm.vllm.backend_gpu.AtmanTritonAttentionBackend")
+    admission.install()
     block_hash.install()
     runner_hooks.install(GPUModelRunner)
     _install_kv_block_stats()

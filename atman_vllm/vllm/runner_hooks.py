@@ -14,12 +14,15 @@ Two hooks on vLLM's GPUModelRunner (which the CPU runner subclasses):
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import torch
 
 from .biased_attention import BATCH_BIAS_ATTR, KeyBiasTensors
-from .wire import AtmanRequestInfo
+from .wire import AtmanRequestInfo, InvalidPayload
+
+log = logging.getLogger(__name__)
 
 _INFO_ATTR = "_atman_info"
 _CE_ATTR = "_atman_target_ce"
@@ -34,13 +37,24 @@ class WorkerRequest:
 
 
 def worker_request(state) -> WorkerRequest | None:
-    """Parse a request's AtMan data once and keep it on the request state."""
+    """Parse a request's AtMan data once and keep it on the request state.
+
+    Admission (``admission.py``) already parsed and checked this payload in
+    the front end, so this cannot fail; if it ever did, raising here would
+    stop the engine for everyone, so the request runs unperturbed and, if
+    it scores a target, returns no scores (its caller gets an error).
+    """
     cached = state.__dict__.get(_INFO_ATTR, _MISSING)
     if cached is _MISSING:
         params = getattr(state, "sampling_params", None)
-        info = AtmanRequestInfo.from_extra_args(params.extra_args if params else None)
-        cached = None if info is None else WorkerRequest(
-            info, KeyBiasTensors.from_bias(info.bias) if info.bias is not None else None)
+        try:
+            info = AtmanRequestInfo.from_extra_args(params.extra_args if params else None)
+            cached = None if info is None else WorkerRequest(
+                info, KeyBiasTensors.from_bias(info.bias) if info.bias is not None else None)
+        except (InvalidPayload, ValueError, TypeError) as exc:
+            log.error("atman: ignoring the payload of request %s that admission let through: %s",
+                      getattr(state, "req_id", "?"), exc)
+            cached = None
         state.__dict__[_INFO_ATTR] = cached
     return cached
 
@@ -65,7 +79,9 @@ def score_target_tokens(runner, hidden_states: torch.Tensor, num_scheduled_token
     """Cross-entropies of target tokens for the scoring requests of this step.
 
     Returns the finished requests' full ``[T]`` vectors; partial prefill
-    chunks accumulate on the request state until the last chunk.
+    chunks accumulate on the request state until the last chunk. A position
+    that was not computed (or a non-finite score) stays NaN: the front end
+    fails that request alone (``forks.fork_result``); nothing here raises.
     """
     finished: dict[str, torch.Tensor] = {}
     for req_id, num_tokens in num_scheduled_tokens.items():
@@ -94,8 +110,6 @@ def score_target_tokens(runner, hidden_states: torch.Tensor, num_scheduled_token
             picked = logprobs.gather(1, targets.unsqueeze(1)).squeeze(1)
             ce[lo + 1 - target_start: hi + 1 - target_start] = -picked.double().cpu()
         if start + num_tokens >= num_prompt:
-            if torch.isnan(ce).any():
-                raise RuntimeError(f"atman: target positions of {req_id} were not computed (served from cache?)")
             finished[req_id] = ce
             del state.__dict__[_CE_ATTR]
     return finished
@@ -128,9 +142,11 @@ def install(runner_cls) -> None:
         output = sample_tokens(self, *args, **kwargs)
         pending = self.__dict__.pop(_PENDING_ATTR, None)
         if pending:
-            if not isinstance(output, ModelRunnerOutput):
-                raise RuntimeError(f"atman: unexpected runner output {type(output).__name__}")
-            output.prompt_token_id_logprobs_dict.update(pending)
+            if isinstance(output, ModelRunnerOutput):
+                output.prompt_token_id_logprobs_dict.update(pending)
+            else:  # async scheduling: the front end reports "no target scores" for these requests
+                log.error("atman: runner output %s cannot carry target scores; dropped for %s",
+                          type(output).__name__, sorted(pending))
         return output
 
     runner_cls._build_attention_metadata = _build_attention_metadata

@@ -1,0 +1,132 @@
+"""The typed body of ``POST /v1/explain``, and the JSON Schema published from it.
+
+Parsed with pydantic (as vLLM's own routes are): numbers must be JSON
+numbers (not booleans, not strings), lists lists, objects objects, unknown
+fields are refused. Value rules that need more than a type (spans inside the
+prompt, a delimiter for ``custom``) stay in the core's ``ExplainOptions``,
+which gRPC and the Python API use too, so every transport applies the same
+rules. Errors name the field as the core does: an option by its own name
+(``factor``), a body field by its name (``prompt``).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated
+
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, ValidationError
+
+from atman_vllm.core.options import (
+    MAX_FACTOR,
+    MIN_FACTOR,
+    ExplainOptions,
+    Granularity,
+    Mode,
+    Postprocessing,
+    TargetGranularity,
+)
+
+from .errors import ServiceError, invalid
+
+SCHEMA_PATH = Path(__file__).resolve().parent.parent / "docs" / "schema" / "explain_request.json"
+_STRICT = ConfigDict(extra="forbid", allow_inf_nan=False, strict=True, use_enum_values=False)
+Number = Annotated[float, Field(strict=True)]
+# A character span of the prompt: [start, length], both non-negative integers.
+Span = Annotated[list[Annotated[StrictInt, Field(ge=0)]], Field(min_length=2, max_length=2)]
+
+
+class ExplainOptionsBody(BaseModel):
+    """The ``options`` object; every field optional, defaults as in ATMAN_SPEC §6."""
+
+    model_config = ConfigDict(**_STRICT, title="ExplainOptions")
+
+    factor: Annotated[Number, Field(ge=MIN_FACTOR, le=MAX_FACTOR)] = Field(
+        0.1, description="suppression (< 1) or amplification (> 1) factor, applied in every layer")
+    mode: Annotated[Mode, Field(strict=False)] = Mode.LOG_ADDITIVE
+    kappa: Annotated[Number, Field(ge=0.0, le=1.0)] | None = Field(
+        None, description="correlated-suppression threshold; null: off")
+    granularity: Annotated[Granularity, Field(strict=False)] = Granularity.AUTO
+    delimiter: StrictStr | None = Field(None, description="for granularity 'custom'")
+    spans: list[Span] | None = Field(None, description="[start, length] character spans, for granularity 'spans'")
+    target_granularity: Annotated[TargetGranularity, Field(strict=False)] = TargetGranularity.COMPLETE
+    postprocessing: Annotated[Postprocessing, Field(strict=False)] = Postprocessing.NONE
+    normalize: StrictBool = False
+
+    def to_options(self) -> ExplainOptions:
+        spans = None if self.spans is None else tuple(tuple(s) for s in self.spans)
+        return ExplainOptions(factor=self.factor, mode=self.mode, kappa=self.kappa, granularity=self.granularity,
+                              delimiter=self.delimiter, spans=spans, target_granularity=self.target_granularity,
+                              postprocessing=self.postprocessing, normalize=self.normalize)
+
+
+class ExplainBody(BaseModel):
+    """``POST /v1/explain``: explain ``target`` as the continuation of ``prompt``."""
+
+    model_config = ConfigDict(**_STRICT, title="ExplainRequest")
+
+    model: StrictStr | None = Field(None, description="the served model's name; omitted: the one served")
+    prompt: StrictStr
+    target: StrictStr
+    options: ExplainOptionsBody = Field(default_factory=ExplainOptionsBody)
+
+
+def explain_request_schema() -> dict:
+    """The published JSON Schema of the body (docs/schema/explain_request.json is this, written out)."""
+    return {"$schema": "https://json-schema.org/draft/2020-12/schema", **ExplainBody.model_json_schema()}
+
+
+def write_schema(path: Path = SCHEMA_PATH) -> None:
+    """Write the published schema (a unit test checks the file is up to date)."""
+    path.write_text(json.dumps(explain_request_schema(), indent=2, sort_keys=True) + "\n")
+
+
+def load_json_body(body: bytes):
+    """JSON from request bytes; bytes that are not UTF-8 become lone surrogates
+    (``surrogateescape``), so the text check later names the string field
+    they are in, exactly as for a JSON ``"\\ud800"`` escape."""
+    try:
+        return json.loads(body.decode("utf-8", errors="surrogateescape"))
+    except json.JSONDecodeError as exc:
+        raise invalid("body", f"is not valid JSON: {exc}") from None
+    except RecursionError:
+        raise invalid("body", "is nested too deeply") from None
+
+
+def _field_of(location: tuple) -> str:
+    """The field a pydantic error is about, named as the core names it."""
+    names = [part for part in location if isinstance(part, str)]
+    if not names:
+        return "body"
+    if names[0] == "options" and len(names) > 1:
+        return names[1]
+    return names[0]
+
+
+def _error_from(exc: ValidationError) -> ServiceError:
+    first = exc.errors(include_url=False)[0]
+    location = tuple(first["loc"])
+    field = _field_of(location)
+    message = first["msg"]
+    message = message[0].lower() + message[1:]
+    if first["type"] == "extra_forbidden":
+        message = "unknown field" if len(location) == 1 else "unknown option"
+    elif first["type"] == "missing":
+        message = "is required"
+    elif first["type"] not in ("model_type", "dict_type"):
+        message = f"{message}, got {first['input']!r}"[:300]
+    if location[-1] != field:  # inside the field: say where (spans.2.0)
+        message = f"{message} (at {'.'.join(str(p) for p in location)})"
+    return invalid(field, message)
+
+
+def parse_explain_body(body: bytes) -> tuple[str | None, str, str, ExplainOptions]:
+    """(model, prompt, target, options) of a /v1/explain body; errors name the field."""
+    data = load_json_body(body)
+    if not isinstance(data, dict):
+        raise invalid("body", "must be a JSON object with prompt, target and options")
+    try:
+        parsed = ExplainBody.model_validate(data)
+    except ValidationError as exc:
+        raise _error_from(exc) from None
+    return parsed.model, parsed.prompt, parsed.target, parsed.options.to_options()
