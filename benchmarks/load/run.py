@@ -18,10 +18,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import platform
-import signal
-import subprocess
 import sys
 import tempfile
 import time
@@ -30,21 +27,16 @@ from pathlib import Path
 
 import numpy as np
 
-from atman_vllm.client import AsyncAtmanClient, AtmanError, GenerationDelta
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # harness.py, beside this file
+
+from harness import GENERATE_TOKENS, PROMPT, TARGET, Call, drive, is_loopback, start_server, stop_server  # noqa: E402
+from harness import cpu_count as _cpu_count  # noqa: E402
+from harness import explain_call as _explain  # noqa: E402
+from harness import generate_call as _generate  # noqa: E402
+
+from atman_vllm.client import AsyncAtmanClient  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
-PROMPT = "Otto lives in Lisbon. Mira works as a pilot. Otto owns a cat. Q: What is the job of Mira? A:"
-TARGET = " pilot"
-GENERATE_TOKENS = 32
-SERVER_ARGS = ["--max-model-len", "512", "--enforce-eager", "--dtype", "float32", "--kv-cache-space-gib", "1"]
-
-
-@dataclass
-class Call:
-    kind: str  # "explain" | "generate"
-    status: str
-    latency_s: float
-    tokens: int = 0  # generated tokens (generate calls)
 
 
 @dataclass
@@ -81,49 +73,17 @@ class PhaseResult:
         return out
 
 
-async def _explain(client: AsyncAtmanClient) -> Call:
-    started = time.perf_counter()
-    try:
-        await client.explain(PROMPT, TARGET, granularity="word")
-        status = "OK"
-    except AtmanError as exc:
-        status = exc.code.name
-    return Call("explain", status, time.perf_counter() - started)
-
-
-async def _generate(client: AsyncAtmanClient) -> Call:
-    started = time.perf_counter()
-    tokens = 0
-    try:
-        async for event in client.generate(PROMPT, max_tokens=GENERATE_TOKENS):
-            if isinstance(event, GenerationDelta):
-                tokens += len(event.token_ids)
-        status = "OK"
-    except AtmanError as exc:
-        status = exc.code.name
-    return Call("generate", status, time.perf_counter() - started, tokens)
-
-
 async def run_phase(target: str, concurrency: int, mix: str, seconds: float, max_requests: int) -> PhaseResult:
     result = PhaseResult(f"{mix}@{concurrency}", concurrency, mix, 0.0)
-    stop_at = time.monotonic() + seconds
-    budget = [max_requests]
-
-    async def worker(index: int, client: AsyncAtmanClient):
-        turn = index  # mixed: every worker alternates, half of them starting with an explain
-        while time.monotonic() < stop_at and budget[0] > 0:
-            budget[0] -= 1
-            explains = mix == "mixed" and turn % 2 == 0
-            turn += 1
-            call = await (_explain(client) if explains else _generate(client))
-            result.calls.append(call)
-            if call.status == "RESOURCE_EXHAUSTED":
-                await asyncio.sleep(0.05)  # what a polite client does on back-pressure
-
     async with AsyncAtmanClient(target, timeout=120) as client:
-        started = time.monotonic()
-        await asyncio.gather(*(worker(i, client) for i in range(concurrency)))
-        result.wall_s = time.monotonic() - started
+        def loop(index: int):
+            async def call(turn: int) -> Call:
+                # mixed: every worker alternates, half of them starting with an explain
+                explains = mix == "mixed" and (index + turn) % 2 == 0
+                return await (_explain(client) if explains else _generate(client))
+            return call
+
+        result.calls, result.wall_s = await drive([loop(i) for i in range(concurrency)], seconds, max_requests)
     return result
 
 
@@ -147,27 +107,15 @@ def markdown(summaries: list[dict], meta: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def start_server(model: str | None, log_path: Path) -> tuple[subprocess.Popen, str]:
-    from atman_server.demo import ReadyLine
-
-    if model is None:
-        from atman_vllm.models.factory import build_tiny_model
-
-        model = str(build_tiny_model("llama", Path(tempfile.gettempdir()) / "atman-load-tiny-llama"))
-    command = [sys.executable, "-m", "atman_server.cli", "--model", model, "--grpc-port", "0", *SERVER_ARGS]
-    log = open(log_path, "w")
-    server = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    return server, ReadyLine(server, sink=log).wait(600)["grpc"]
-
-
 async def main_async(args) -> int:
     server = None
     target = args.target
     if target is None:
         log_path = Path(tempfile.gettempdir()) / "atman-load-server.log"
         print(f"starting a server (log: {log_path}) ...", flush=True)
-        server, target = start_server(args.model, log_path)
-    if not target.startswith(("127.", "localhost", "[::1]")):
+        server, ready = start_server(args.model, log_path)
+        target = ready["grpc"]
+    if not is_loopback(target):
         raise SystemExit("the load test only targets loopback addresses")
     try:
         async with AsyncAtmanClient(target, timeout=120) as client:
@@ -182,8 +130,7 @@ async def main_async(args) -> int:
                 print(json.dumps(summaries[-1]), flush=True)
     finally:
         if server is not None:
-            server.send_signal(signal.SIGTERM)
-            server.wait(120)
+            stop_server(server)
     meta = {"date": time.strftime("%Y-%m-%d %H:%M"), "machine": f"{platform.machine()}, {_cpu_count()} cores",
             "model": info.model, "limits": info.limits, "versions": info.versions,
             "seconds_per_phase": args.seconds, "explain_units": units}
@@ -192,10 +139,6 @@ async def main_async(args) -> int:
     args.out.with_suffix(".md").write_text(table)
     print(table)
     return 0
-
-
-def _cpu_count() -> int:
-    return len(os.sched_getaffinity(0))
 
 
 def main(argv: list[str] | None = None) -> int:
