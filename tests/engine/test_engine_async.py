@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import asyncio
 
-import numpy as np
 import pytest
+import torch
 
 from atman_vllm.core import ExplainOptions, ExplainRequest
+from tolerances import assert_close
 
 from .conftest import multiprocess_engine
 from .texts import LONG, SHORT
@@ -31,6 +32,16 @@ def _flat(result):
     return [s.score for e in result.explanations for s in (*e.prompt_scores, *e.target_scores)]
 
 
+def _assert_same_scores(got, want, what):
+    # Concurrent requests share batches (other GEMM shapes): equal up to float32 rounding of the
+    # cross-entropies the scores are differences of.
+    assert [(t.text, t.start) for t in got.target_tokens] == [(t.text, t.start) for t in want.target_tokens]
+    assert_close([t.logprob for t in got.target_tokens], [t.logprob for t in want.target_tokens], torch.float32,
+                 what=f"{what} target logprobs")
+    assert_close(_flat(got), _flat(want), torch.float32, scale=max(abs(t.logprob) for t in want.target_tokens),
+                 what=f"{what} scores")
+
+
 def test_concurrent_explains_and_generation_equal_sequential(async_llm):
     llm, loop = async_llm
     a = ExplainRequest(SHORT, " Lisbon.", ExplainOptions(granularity="token"))
@@ -50,8 +61,8 @@ def test_concurrent_explains_and_generation_equal_sequential(async_llm):
 
     seq = loop.run_until_complete(sequential())
     con = loop.run_until_complete(concurrent())
-    np.testing.assert_allclose(_flat(con[0]), _flat(seq[0]), atol=1e-6)
-    np.testing.assert_allclose(_flat(con[1]), _flat(seq[1]), atol=1e-6)
+    _assert_same_scores(con[0], seq[0], "token")
+    _assert_same_scores(con[1], seq[1], "word")
     assert con[2] == seq[2] and con[2]
 
 

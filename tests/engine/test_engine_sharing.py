@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import numpy as np
+import torch
 
 from atman_vllm.core import ExplainOptions, ExplainRequest
+from tolerances import assert_close
 
 from .texts import LONG
 
@@ -43,6 +45,17 @@ def test_repeated_request_gives_identical_scores(engines):
     # The second unperturbed run reads the first's prefix blocks, never its target blocks.
     assert second.stats.cached_tokens > first.stats.cached_tokens
     assert second.stats.computed_tokens >= first.stats.perturbations + 1
-    assert second.to_dict()["explanations"] == first.to_dict()["explanations"]
-    assert [t.logprob for t in second.target_tokens] == [t.logprob for t in first.target_tokens]
+    # Same spans, exactly. The values are not bitwise by construction: the second run computes
+    # fewer positions per forward (the cached ones are read), so its GEMMs have other shapes; they
+    # are equal up to float32 rounding of the cross-entropies. Reading a wrong block would move
+    # them by orders of magnitude more.
+    spans = [[(s.start, s.length, s.text) for s in (*e.prompt_scores, *e.target_scores)]
+             for e in (*first.explanations, *second.explanations)]
+    assert spans[len(first.explanations):] == spans[:len(first.explanations)]
+    assert [(t.text, t.start) for t in second.target_tokens] == [(t.text, t.start) for t in first.target_tokens]
+    ce_scale = max(abs(t.logprob) for t in first.target_tokens)
+    assert_close([t.logprob for t in second.target_tokens], [t.logprob for t in first.target_tokens], torch.float32,
+                 what="target logprobs")
+    scores = [[s.score for e in r.explanations for s in (*e.prompt_scores, *e.target_scores)] for r in (first, second)]
+    assert_close(scores[1], scores[0], torch.float32, scale=ce_scale, what="scores")
     assert np.isfinite([s.score for s in second.explanations[0].prompt_scores]).all()

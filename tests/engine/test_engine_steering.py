@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from atman_vllm.core import Control, plan_controls
+from tolerances import assert_close
 
 from .conftest import ENGINE_ARGS
 
@@ -24,6 +25,9 @@ def test_factor_one_changes_nothing(engines):
     plain = llm.generate(PROMPT, max_tokens=8)[0]
     neutral = llm.generate(PROMPT, max_tokens=8, controls=[Control(*_span(PROMPT, "pilot"), 1.0)])[0]
     assert neutral.token_ids == plain.token_ids
+    # Bitwise by construction: a factor-1 control is dropped by plan_controls, so both calls send the
+    # same token ids without bias, one request alone, to an engine whose prefix cache the generate
+    # calls above already filled: the same forward, the same shapes.
     assert llm.next_token_logprobs(PROMPT, controls=[Control(0, 4, 1.0)]) == llm.next_token_logprobs(PROMPT)
 
 
@@ -41,7 +45,9 @@ def test_control_effect_equals_reference_biased_forward(engines, tiny_models, mo
     reference = ReferenceExplainer(tiny_models["llama"])
     biased = reference.biased_next_token_logprobs(token_ids, bias)
     ids = list(top)
-    np.testing.assert_allclose([top[i] for i in ids], biased[ids], atol=1e-4)
+    # The fidelity bound (as in test_engine_fidelity): vLLM and transformers round differently.
+    # Low logprobs make the scale large; assert_close then allows 64 eps x scale if that is more.
+    assert_close([top[i] for i in ids], biased[ids], torch.float32, bound=1e-4, what="biased next-token logprobs")
     # ... and the controls really moved the distribution.
     assert np.abs(biased - reference.biased_next_token_logprobs(token_ids, None)).max() > 1e-2
 

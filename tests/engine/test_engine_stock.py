@@ -12,6 +12,10 @@ import os
 import subprocess
 import sys
 
+import torch
+
+from tolerances import assert_close, tolerance
+
 SCRIPT = r"""
 import json, sys
 from vllm import LLM, SamplingParams
@@ -56,11 +60,33 @@ def _run(model_dir, plugins: str | None, mode: str) -> dict:
     return json.loads(line[len("RESULT"):])
 
 
+def _logprobs(outputs: list[dict]) -> list[float]:
+    return [lp for o in outputs for step in o["lp"] for _, lp in sorted(step.items())]
+
+
+def _top_tokens(output: dict) -> list:
+    return [output["ids"], [sorted(step) for step in output["lp"]]]
+
+
 def test_plugin_leaves_stock_generation_unchanged(tiny_models):
     stock = _run(tiny_models["llama"], "", "plain")
     with_plugin = _run(tiny_models["llama"], None, "mixed")
+    # Bitwise by construction: the same prompts in the same batches through the same stock kernels
+    # (the plugin's backend hands batches without perturbations to the stock implementation).
     assert with_plugin["gen"] == stock["gen"]
-    # Unperturbed rows of a batch that also holds perturbed forks are untouched too.
-    assert with_plugin["mixed"][:3] == stock["gen"]
-    # ... and the forks really were perturbed (different logprobs from the unperturbed prompt).
-    assert any(f["lp"] != with_plugin["mixed"][0]["lp"] for f in with_plugin["mixed"][3:])
+    # Unperturbed rows of a batch that also holds perturbed forks are untouched too: the same tokens
+    # and top-logprob tokens, and logprobs equal up to float32 rounding (not bitwise by construction:
+    # the larger batch gives the GEMMs other shapes).
+    mixed = with_plugin["mixed"][:3]
+    assert [_top_tokens(o) for o in mixed] == [_top_tokens(o) for o in stock["gen"]]
+    assert_close(_logprobs(mixed), _logprobs(stock["gen"]), torch.float32, what="unperturbed rows")
+    # ... and the forks really were perturbed: other tokens, or logprobs beyond rounding.
+    plain = with_plugin["mixed"][0]
+    rounding = tolerance(torch.float32, max(abs(lp) for lp in _logprobs([plain])))
+
+    def moved(fork: dict) -> bool:
+        if _top_tokens(fork) != _top_tokens(plain):
+            return True
+        return max(abs(a - b) for a, b in zip(_logprobs([fork]), _logprobs([plain]))) > 100 * rounding
+
+    assert any(moved(f) for f in with_plugin["mixed"][3:])

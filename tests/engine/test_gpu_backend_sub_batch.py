@@ -10,6 +10,7 @@ from atman_vllm.core import KeyBias, Mode
 from atman_vllm.kernels.key_bias import attend_with_key_bias
 from atman_vllm.vllm.backend_gpu import PerturbedSubBatch
 from atman_vllm.vllm.biased_attention import KeyBiasTensors
+from tolerances import assert_close
 
 
 def test_sub_batches_reproduce_per_sequence_attention():
@@ -37,5 +38,7 @@ def test_sub_batches_reproduce_per_sequence_attention():
         v = value_cache[blocks].reshape(-1, kv_heads, d)[: seq_lens[seq]]
         rows = slice(int(qsl[seq]), int(qsl[seq + 1]))
         expected = attend_with_key_bias(query[rows], k, v, d ** -0.5, biases[seq].dense(seq_lens[seq]), biases[seq].mode)
-        torch.testing.assert_close(out[rows], expected, atol=1e-5, rtol=1e-5)
+        # The paged torch path vs. attend_with_key_bias on gathered keys: other code and shapes,
+        # equal up to float32 rounding.
+        assert_close(out[rows], expected, torch.float32, what=f"sequence {seq}")
     assert torch.count_nonzero(out[8:31]) == 0  # the unperturbed sequence's rows were not touched

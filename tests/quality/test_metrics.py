@@ -1,4 +1,8 @@
-"""Ranking metrics: AP, recall@#positives, IQM, and their tie handling."""
+"""Ranking metrics: AP, recall@#positives, IQM, and their tie handling.
+
+The exact comparisons (``== 1.0``, ``== 0.5``) are on means of precisions like 1/1, 2/2 and 1/2:
+dyadic fractions that float64 represents exactly, so no rounding can occur.
+"""
 
 from __future__ import annotations
 

@@ -83,6 +83,8 @@ def test_training_is_deterministic_for_a_seed(tmp_path):
     for name in ("a", "b"):
         train(cfg, tmp_path / name, log=lambda _: None)
     a, b = (load_file(tmp_path / n / "model.safetensors") for n in ("a", "b"))
+    # Bitwise by construction: the same seed, data, shapes and thread count in the same process run
+    # the very same floating-point operations (this reproducibility is what the test is about).
     assert a.keys() == b.keys() and all((a[k] == b[k]).all() for k in a)
     other = TrainConfig(**{**cfg.__dict__, "seed": 1})
     train(other, tmp_path / "c", log=lambda _: None)

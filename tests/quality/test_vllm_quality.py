@@ -6,9 +6,11 @@ import os
 
 import numpy as np
 import pytest
+import torch
 
 from atman_vllm.quality.harness import DEFAULT_MODEL_DIR, evaluate, load_explainer
 from atman_vllm.quality.tasks import generate_examples
+from tolerances import assert_close
 
 pytestmark = pytest.mark.engine
 
@@ -26,7 +28,8 @@ def test_vllm_and_reference_agree_on_demo_model(vllm_explainer):
     ref = evaluate(examples, backend="reference", methods=methods, progress=False, threads=1)
     for key, scores in ref.unit_scores.items():
         for a, b in zip(fast.unit_scores[key], scores):
-            np.testing.assert_allclose(a, b, atol=1e-4, rtol=1e-4, err_msg=str(key))
+            # The fidelity bound, 1e-4 plus 1e-4 of the largest score (vLLM and transformers round differently).
+            assert_close(a, b, torch.float32, bound=1e-4 * (1 + np.abs(b).max()), what=str(key))
     rows = {(r.method, r.granularity): r for r in fast.rows}
     assert rows[("atman", "sentence")].backend == "vllm"
     assert rows[("atman", "sentence")].summary.mAP >= 0.75

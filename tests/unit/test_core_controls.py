@@ -16,7 +16,7 @@ def test_partial_overlap_interpolates_by_covered_fraction():
     assert ids[0] == 0 and len(ids) == 4  # BOS + 3 tokens
     assert bias.positions == (1,) and bias.factors == pytest.approx((1.5,))
     _, bias = plan_controls(PROMPT, FakeTokenizer(), [Control(0, 2, 2.0)], overlap="complete")
-    assert bias.factors == (2.0,)
+    assert bias.factors == (2.0,)  # complete overlap: the control's factor, copied (exact)
 
 
 def test_span_over_several_tokens_and_multiplying_controls():

@@ -28,12 +28,14 @@ def test_factors_follow_the_interpolation_formula():
 
 def test_unit_tokens_get_the_full_factor_even_as_candidates():
     sim = np.array([[1.0, 0.0]])
+    # Exact: the unit's own token gets the factor itself, copied.
     assert correlated_factors([3], [3, 4], sim, kappa=0.0, factor=0.2) == {3: 0.2}  # s=0 -> factor 1: left out
 
 
 def test_kappa_one_reaches_only_exact_duplicates():
     rows = np.array([[0.1, 0.2, 0.3], [0.1, 0.2, 0.3001], [0.1, 0.2, 0.3], [0.3, -0.1, 0.0]])
     sim = cosine_similarity(rows)
+    # Exact by construction: cosine_similarity sets identical rows to 1.0 rather than computing them.
     assert 0.99 < sim[0, 1] < 1.0 and sim[0, 2] == 1.0
     got = correlated_factors([0], [1, 2, 3], sim[[0]][:, [1, 2, 3]], kappa=1.0, factor=0.1)
     assert got == {0: 0.1, 2: pytest.approx(0.1)}
@@ -42,6 +44,7 @@ def test_kappa_one_reaches_only_exact_duplicates():
 def test_equal_token_ids_are_exactly_similar_and_zero_rows_similar_to_nothing():
     rows = np.array([[0.1, 0.2, 0.3], [0.1, 0.2, 0.3], [0.0, 0.0, 0.0], [0.0, 0.0, 0.0], [0.3, 0.2, 0.1]])
     sim = cosine_similarity(rows, token_ids=[7, 7, 9, 10, 11])
+    # Exact by construction: duplicates are set to 1.0, zero rows normalise to 0 and give 0.0 products.
     assert sim[0, 1] == 1.0 and sim[0, 2] == 0.0 and sim[2, 3] == 0.0 and sim[2, 2] == 1.0
     sim = cosine_similarity(rows[[0, 4]], token_ids=[5, 5])  # equal ids count as duplicates whatever the rows
     assert sim[0, 1] == 1.0
@@ -73,6 +76,7 @@ def test_planner_spreads_suppression_to_similar_tokens_never_to_bos():
     assert first.positions == (1, 4, 5)
     assert first.factors == pytest.approx((0.1, 0.9 * (1 - s) + 0.1, 0.9 * (1 - s) + 0.1))
     last = plan.jobs[4].bias  # " burgers" in the prompt: its exact duplicate in the target gets f
+    # Exact: similarity exactly 1.0 gives (1 - f) * 0.0 + f = f.
     assert last.positions == (1, 4, 5) and last.factors[1:] == (0.1, 0.1)
     assert plan.jobs[2].bias.positions == (2,)  # " and" resembles nothing
     assert all(0 not in j.bias.positions for j in plan.jobs[1:])

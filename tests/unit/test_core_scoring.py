@@ -106,6 +106,7 @@ def test_token_granularity_explains_each_target_token_and_target_units_only_scor
 def test_postprocessing(how, expected):
     (exp,) = score_explanations(_units(3), [], "x", [(0, 1)], 4, np.array([[-2.0], [1.0], [0.5]]),
                                 TargetGranularity.COMPLETE, how, False)
+    # Exact: abs and square of these small dyadic floats (and a mean over one token) round nothing.
     assert [s.score for s in exp.prompt_scores] == expected
 
 
@@ -116,10 +117,12 @@ def test_normalize_is_min_max_after_postprocessing_over_prompt_and_target_scores
     deltas = np.array([[0.0, 1.0], [0.0, 3.0], [0.0, 5.0]])  # last row: target unit 0
     exps = score_explanations(_units(2), [Unit(0, 1, "x", (3,), "target")], "xy", [(0, 1), (1, 2)], 3, deltas,
                               TargetGranularity.TOKEN, Postprocessing.NONE, True)
+    # Exact: (x - 1) / 4 of 1, 3 and 5 is 0, 0.5 and 1 in binary floating point.
     assert [s.score for s in exps[1].prompt_scores] == [0.0, 0.5] and exps[1].target_scores[0].score == 1.0
 
 
 def test_normalize_all_equal_and_single_scores_without_dividing_by_zero():
+    # Exact: scores without a ranking are set to 0.0, not computed.
     with np.errstate(all="raise"):
         assert normalize_scores(np.array([0.3, 0.3, 0.3])).tolist() == [0.0, 0.0, 0.0]
         assert normalize_scores(np.array([-4.0])).tolist() == [0.0]
@@ -131,7 +134,7 @@ def test_normalize_all_equal_and_single_scores_without_dividing_by_zero():
 def test_single_unit_without_normalize_keeps_its_raw_score():
     (exp,) = score_explanations(_units(1), [], "x", [(0, 1)], 2, np.array([[0.7]]),
                                 TargetGranularity.COMPLETE, Postprocessing.NONE, False)
-    assert exp.prompt_scores[0].score == 0.7
+    assert exp.prompt_scores[0].score == 0.7  # exact: the mean of one value is that value
 
 
 def test_no_units_or_mismatched_deltas_are_rejected():
@@ -151,6 +154,7 @@ def test_plan_has_the_unperturbed_run_first_then_one_job_per_unit():
     assert len(plan.units) == 6 and len(plan.target_units) == 1 and len(plan.jobs) == 8
     assert plan.jobs[0].bias is None
     assert [j.bias.positions for j in plan.jobs[1:]] == [(1,), (2,), (3,), (4,), (5,), (6,), (7,)]
+    # bias.factors: the option's factor, copied (exact).
     assert all(j.bias.factors == (0.2,) and j.target_start == 7 and j.token_ids == plan.jobs[0].token_ids
                for j in plan.jobs[1:])
 
@@ -165,6 +169,7 @@ def test_explain_end_to_end_with_a_toy_model():
     first, second = result.explanations
     assert [s.score for s in first.prompt_scores] == pytest.approx([0, 0.25 * d, 0, 0, d, 0])
     assert first.target_scores == () and [(s.text, s.score) for s in second.target_scores] == [(" fries", pytest.approx(2 * d))]
+    # The toy model's logprob is a constant it returns, not a computation: exact.
     assert [(t.text, t.start, t.length, t.logprob) for t in result.target_tokens] == [(" fries", 0, 6, -1.0), (" and", 6, 4, -1.0)]
     st = result.stats
     assert (st.perturbations, st.forward_passes) == (7, 8)
@@ -187,7 +192,7 @@ def test_explain_many_runs_every_job_in_one_call_and_matches_single_explains():
 def test_explain_option_keywords_and_unknown_option():
     model = LinearToyExplainer({})
     res = model.explain("a b", " c", ExplainOptions(factor=0.5), granularity="word", spans=None)
-    assert res.options.factor == 0.5 and res.options.granularity.value == "word"
+    assert res.options.factor == 0.5 and res.options.granularity.value == "word"  # passed through, exact
     with pytest.raises(InvalidRequestError) as e:
         model.explain("a b", " c", facter=0.5)
     assert e.value.field == "facter"
