@@ -211,6 +211,7 @@ class AsyncAtmanLLM(_AtmanEngineMixin):
         # Planning has threads of its own, so a slow plan holds up neither the event
         # loop nor anything else that uses asyncio's default executor.
         self._planner = ThreadPoolExecutor(max_workers=planning_threads, thread_name_prefix="atman-plan")
+        self._plan_stops: set[threading.Event] = set()
         self._init_common(model_dir, engine.tokenizer, self.vllm_config.model_config.max_model_len)
 
     @classmethod
@@ -226,12 +227,14 @@ class AsyncAtmanLLM(_AtmanEngineMixin):
         """``plan`` on the planning threads. Cancelling the awaiting task (the
         client went away, the deadline passed) stops the plan at its next check."""
         stop = threading.Event()
+        self._plan_stops.add(stop)
         future = asyncio.get_running_loop().run_in_executor(
             self._planner, lambda: self.plan(request, limits=limits, cancelled=stop.is_set))
         try:
             return await future
         finally:
             stop.set()  # a no-op once the plan is done
+            self._plan_stops.discard(stop)
 
     def prompt_tokens(self, prompt: str) -> int:
         """Tokens of a prompt as the engine sees it (with BOS), validating it."""
@@ -310,8 +313,13 @@ class AsyncAtmanLLM(_AtmanEngineMixin):
     async def num_free_kv_blocks(self) -> int:
         return (await self.kv_block_stats())["free"]
 
+    def stop_planning(self) -> None:
+        """Stop every running plan at its next check, start no more, and wait for them."""
+        for stop in list(self._plan_stops):
+            stop.set()
+        self._planner.shutdown(wait=True, cancel_futures=True)
+
     def shutdown(self) -> None:
-        # A running plan stops at its next check (its caller was cancelled); none waits to start.
         self._planner.shutdown(wait=False, cancel_futures=True)
         self.engine.shutdown()
         close_engine_sockets(self.engine.engine_core)

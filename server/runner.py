@@ -42,22 +42,39 @@ log = logging.getLogger("atman_server")
 
 ENGINE_CHECK_INTERVAL_S = 0.25
 ENGINE_DIED_EXIT_STATUS = 3
+ENGINE_DIED_NOT_SERVING_S = 1.0
 # How long a stopping process may take beyond what it was given (the grace period on
 # SIGTERM, nothing when the engine died) before it is ended regardless.
 STOP_MARGIN_S = 4.0
 
 
-def _exit_regardless_after(seconds: float, status: int, why: str) -> None:
+@dataclass
+class _Stopping:
+    """What a stopping process is waiting for, so the timer can tell a clean stop from a stuck one."""
+
+    status: int  # exit status if the timer has to end the process now
+    waiting_for: str = "running calls"
+
+    def engine_teardown(self) -> None:
+        # Every call has ended and planning has stopped: the service stopped cleanly. If vLLM's
+        # own teardown outlasts the budget, its processes end on their own when their parent exits.
+        if self.status == 1:
+            self.status = 0
+        self.waiting_for = "vLLM's engine teardown"
+
+
+def _exit_regardless_after(seconds: float, stopping: _Stopping, why: str) -> None:
     """A daemon timer that ends the process if a clean stop takes longer than ``seconds``.
 
-    A clean stop waits for threads (a plan that has not yet noticed it was
-    cancelled, vLLM's own) and for the engine to shut down; neither may keep
-    a supervisor waiting.
+    A clean stop waits for running calls, for plans to notice they were
+    cancelled, and for the engine to shut down; none may keep a supervisor
+    waiting.
     """
     def end() -> None:
-        log.error("%s: still not stopped after %.1f s; exiting now with status %d", why, seconds, status)
+        log.error("%s: still waiting for %s after %.1f s; exiting now with status %d", why, stopping.waiting_for,
+                  seconds, stopping.status)
         logging.shutdown()
-        os._exit(status)
+        os._exit(stopping.status)
 
     timer = threading.Timer(seconds, end)
     timer.daemon = True
@@ -122,6 +139,7 @@ async def serve(config: ServeConfig) -> int:
                                          planning_threads=config.max_concurrent_explains, **config.engine_args)
     grpc_server = http_server = metrics_server = None
     watchdog = asyncio.create_task(_watch_engine(llm, engine_died, stop))
+    stopping: _Stopping | None = None
     try:
         limits = _limits(config, llm.vllm_config.model_config.max_model_len)
         service = AtmanService(llm, limits, metrics=ServiceMetrics(), log_prompts=config.log_prompts)
@@ -154,10 +172,15 @@ async def serve(config: ServeConfig) -> int:
             log.error("the engine has stopped (its core process died or failed); running calls end with "
                       "UNAVAILABLE, and the process exits with status %d so that a supervisor restarts it",
                       ENGINE_DIED_EXIT_STATUS)
-            _exit_regardless_after(STOP_MARGIN_S, ENGINE_DIED_EXIT_STATUS, "engine died")
+            stopping = _Stopping(ENGINE_DIED_EXIT_STATUS)
+            _exit_regardless_after(STOP_MARGIN_S + ENGINE_DIED_NOT_SERVING_S, stopping, "engine died")
+            # Probes see NOT_SERVING (HTTP /health: 503) for a moment before the ports close.
+            await grpc_server.health.enter_graceful_shutdown()
+            await asyncio.sleep(ENGINE_DIED_NOT_SERVING_S)
             grace_s = 0.0  # nothing can finish without the engine
         else:
-            _exit_regardless_after(config.grace_s + STOP_MARGIN_S, 1, "shutdown")
+            stopping = _Stopping(1)
+            _exit_regardless_after(config.grace_s + STOP_MARGIN_S, stopping, "shutdown")
             grace_s = config.grace_s
         log.info("shutting down: %.1f s grace for running calls", grace_s)
         stops = [grpc_server.stop(grace_s)]
@@ -168,6 +191,11 @@ async def serve(config: ServeConfig) -> int:
         watchdog.cancel()
         if metrics_server is not None:
             metrics_server.shutdown()
+        if stopping is not None:
+            stopping.waiting_for = "plans to stop"
+        llm.stop_planning()  # their calls were cancelled: each stops at its next check
+        if stopping is not None:
+            stopping.engine_teardown()
         try:
             llm.shutdown()
         except Exception:  # a dead engine may fail to shut down cleanly; the exit must still happen

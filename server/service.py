@@ -356,4 +356,6 @@ async def _stream(produce: Callable[[Callable[[object], None]], Awaitable[object
     finally:
         if not task.done():
             task.cancel()
-            await asyncio.gather(task, return_exceptions=True)
+        # Retrieve its outcome even when the consumer left first (a slot refusal the
+        # client never read): otherwise asyncio logs "exception was never retrieved".
+        await asyncio.gather(task, return_exceptions=True)
