@@ -70,6 +70,10 @@ def _is_engine_dead(exc: BaseException) -> bool:
     return isinstance(exc, EngineDeadError)
 
 
+# vLLM's names for what our API calls otherwise.
+VLLM_PARAMETER_FIELDS = {"input_tokens": "prompt", "prompt_token_ids": "prompt"}
+
+
 def _vllm_client_error(exc: BaseException) -> ServiceError | None:
     """vLLM's own verdict on a bad request (prompt longer than the context, a bad
     sampling parameter, ...): the caller's fault, so INVALID_ARGUMENT naming the field."""
@@ -78,7 +82,8 @@ def _vllm_client_error(exc: BaseException) -> ServiceError | None:
     if not isinstance(exc, VLLMClientError):
         return None
     message = str(exc)
-    field = getattr(exc, "parameter", None) or ("prompt" if "prompt" in message else "request")
+    parameter = getattr(exc, "parameter", None)
+    field = VLLM_PARAMETER_FIELDS.get(parameter, parameter) or ("prompt" if "prompt" in message else "request")
     code = ErrorCode.NOT_FOUND if isinstance(exc, VLLMNotFoundError) else ErrorCode.INVALID_ARGUMENT
     return ServiceError(code, f"{field}: {message}", field)
 
