@@ -129,6 +129,9 @@ class AtmanLLM(_AtmanEngineMixin, Explainer):
     def __init__(self, model: str, **engine_args):
         from vllm import LLM
 
+        from .models.registry import resolve_model
+
+        model = resolve_model(model)  # a prepared model's name ("smollm2-135m-instruct") -> its directory
         self.llm = LLM(**_engine_kwargs(model, engine_args))
         config = self.llm.llm_engine.vllm_config.model_config
         self._init_common(model, self.llm.get_tokenizer(), config.max_model_len)
@@ -204,10 +207,13 @@ class AsyncAtmanLLM(_AtmanEngineMixin):
     """AtMan on vLLM's ``AsyncLLM``: the engine the server shares with generation."""
 
     def __init__(self, engine, model_dir: str, *, explain_priority: int = DEFAULT_EXPLAIN_PRIORITY,
-                 planning_threads: int = 2):
+                 planning_threads: int = 2, fork_tokens_in_flight: int | None = None):
+        from .vllm.forks import ForkBudget
+
         self.engine = engine
         self.vllm_config = engine.vllm_config
         self.explain_priority = explain_priority
+        self.fork_budget = ForkBudget(fork_tokens_in_flight)
         # Planning has threads of its own, so a slow plan holds up neither the event
         # loop nor anything else that uses asyncio's default executor.
         self._planner = ThreadPoolExecutor(max_workers=planning_threads, thread_name_prefix="atman-plan")
@@ -216,12 +222,14 @@ class AsyncAtmanLLM(_AtmanEngineMixin):
 
     @classmethod
     def from_engine_args(cls, model: str, *, explain_priority: int = DEFAULT_EXPLAIN_PRIORITY,
-                         planning_threads: int = 2, **engine_args) -> "AsyncAtmanLLM":
+                         planning_threads: int = 2, fork_tokens_in_flight: int | None = None,
+                         **engine_args) -> "AsyncAtmanLLM":
         from vllm.engine.arg_utils import AsyncEngineArgs
         from vllm.v1.engine.async_llm import AsyncLLM
 
         engine = AsyncLLM.from_engine_args(AsyncEngineArgs(**_engine_kwargs(model, engine_args)))
-        return cls(engine, model, explain_priority=explain_priority, planning_threads=planning_threads)
+        return cls(engine, model, explain_priority=explain_priority, planning_threads=planning_threads,
+                   fork_tokens_in_flight=fork_tokens_in_flight)
 
     async def plan_async(self, request: ExplainRequest, *, limits: PlanLimits = PlanLimits()):
         """``plan`` on the planning threads. Cancelling the awaiting task (the
@@ -243,13 +251,14 @@ class AsyncAtmanLLM(_AtmanEngineMixin):
         return len(encode_prompt(self.tokenizer, prompt).token_ids)
 
     async def _run_fork(self, index: int, job: ForkJob, request_id: str) -> tuple[int, ForkResult]:
-        from .vllm.forks import fork_request, fork_result
+        from .vllm.forks import fork_cost, fork_request, fork_result
 
         req = fork_request(job)
         final = None
-        async for out in self.engine.generate(req.prompt, req.params, request_id=request_id,
-                                              priority=self.explain_priority):
-            final = out
+        async with self.fork_budget.hold(fork_cost(job, self.vllm_config.cache_config.block_size)):
+            async for out in self.engine.generate(req.prompt, req.params, request_id=request_id,
+                                                  priority=self.explain_priority):
+                final = out
         return index, fork_result(job, final)
 
     async def explain(self, request: ExplainRequest, *, plan=None, request_id: str | None = None,

@@ -17,6 +17,7 @@ from pathlib import Path
 from atman_vllm.api import DEFAULT_EXPLAIN_PRIORITY
 
 from .limits import (
+    DEFAULT_FORK_TOKENS_IN_FLIGHT,
     DEFAULT_MAX_CONCURRENT_EXPLAINS,
     DEFAULT_MAX_GENERATE_TOKENS,
     DEFAULT_MAX_MESSAGE_BYTES,
@@ -74,6 +75,9 @@ def _service_arguments(parser: argparse.ArgumentParser) -> None:
                       help="vLLM scheduling priority of an explanation's forks; generation runs at 0 and lower "
                            "values go first, so the default %(default)s keeps explanations from delaying "
                            "generation (needs vLLM's --scheduling-policy priority, the default here)")
+    misc.add_argument("--fork-tokens-in-flight", type=int, default=DEFAULT_FORK_TOKENS_IN_FLIGHT,
+                      help="token positions all explanations' forks may have in the engine at once, so they "
+                           "cannot crowd generation out of each step (0: no cap; default %(default)s)")
     misc.add_argument("--grace-period", type=float, default=30.0,
                       help="seconds running calls get to finish after SIGTERM (default %(default)s)")
     misc.add_argument("--log-prompts", action="store_true",
@@ -110,7 +114,9 @@ def _engine_args(parser, args) -> dict:
 
 def _resolve_model(model: str | None) -> str:
     if model:
-        return model
+        from atman_vllm.models.registry import resolve_model
+
+        return resolve_model(model)  # a prepared model's name ("smollm2-135m-instruct") -> its directory
     default = default_model_dir()
     if not (default / "config.json").exists():
         raise SystemExit(f"atman-vllm serve: the embedded default model is not built yet ({default} has no "
@@ -140,6 +146,7 @@ def main(argv: list[str] | None = None) -> int:
         max_message_bytes=args.max_message_bytes,
         max_prompt_chars=args.max_prompt_chars,
         explain_priority=args.explain_priority,
+        fork_tokens_in_flight=args.fork_tokens_in_flight,
         auth_token=args.auth_token or os.environ.get(AUTH_TOKEN_ENV) or None,
         tls_cert=args.tls_cert,
         tls_key=args.tls_key,

@@ -29,6 +29,7 @@ from atman_vllm.api import DEFAULT_EXPLAIN_PRIORITY
 
 from .grpc_service import GrpcServer
 from .limits import (
+    DEFAULT_FORK_TOKENS_IN_FLIGHT,
     DEFAULT_MAX_CONCURRENT_EXPLAINS,
     DEFAULT_MAX_GENERATE_TOKENS,
     DEFAULT_MAX_MESSAGE_BYTES,
@@ -104,6 +105,7 @@ class ServeConfig:
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
     max_prompt_chars: int | None = None  # None: limits.PROMPT_CHARS_PER_TOKEN × max explain tokens
     explain_priority: int = DEFAULT_EXPLAIN_PRIORITY
+    fork_tokens_in_flight: int | None = DEFAULT_FORK_TOKENS_IN_FLIGHT
     auth_token: str | None = None
     tls_cert: Path | None = None
     tls_key: Path | None = None
@@ -136,7 +138,9 @@ async def serve(config: ServeConfig) -> int:
     tls_bytes = (config.tls_cert.read_bytes(), config.tls_key.read_bytes()) if config.tls_cert else None
 
     llm = AsyncAtmanLLM.from_engine_args(config.model, explain_priority=config.explain_priority,
-                                         planning_threads=config.max_concurrent_explains, **config.engine_args)
+                                         planning_threads=config.max_concurrent_explains,
+                                         fork_tokens_in_flight=config.fork_tokens_in_flight or None,
+                                         **config.engine_args)
     grpc_server = http_server = metrics_server = None
     watchdog = asyncio.create_task(_watch_engine(llm, engine_died, stop))
     stopping: _Stopping | None = None

@@ -7,7 +7,10 @@ then are its KV blocks committed to the prefix cache for the forks to reuse.
 
 from __future__ import annotations
 
+import asyncio
 import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -57,3 +60,47 @@ def unperturbed_first(jobs: Sequence[ForkJob]) -> tuple[list[int], list[int]]:
     first = [i for i, j in enumerate(jobs) if j.bias is None]
     return first, [i for i, j in enumerate(jobs) if j.bias is not None]
 
+
+
+def fork_cost(job: ForkJob, block_size: int) -> int:
+    """Token positions the engine computes for ``job``: everything from the first
+    perturbed block on (the blocks before it come from the prefix cache)."""
+    if job.bias is None:
+        return len(job.token_ids)
+    return len(job.token_ids) - (job.bias.first_position // block_size) * block_size
+
+
+class ForkBudget:
+    """An engine-wide cap on the token positions that explanation forks have in flight.
+
+    Forks share each engine step with generation; without a cap, a few
+    explanations put thousands of prefill positions into every step and every
+    generation's per-token latency grows with them (priority scheduling orders
+    the waiting queue, but does not limit what running requests add to a
+    step). A fork larger than the whole budget runs alone. None: no cap.
+    """
+
+    def __init__(self, tokens: int | None):
+        if tokens is not None and tokens < 1:
+            raise ValueError("the fork token budget must be >= 1 or None")
+        self.capacity = tokens
+        self.in_use = 0
+        self._changed: asyncio.Condition | None = None  # made in the running loop
+
+    @asynccontextmanager
+    async def hold(self, tokens: int) -> AsyncIterator[None]:
+        if self.capacity is None:
+            yield
+            return
+        tokens = min(tokens, self.capacity)
+        if self._changed is None:
+            self._changed = asyncio.Condition()
+        async with self._changed:
+            await self._changed.wait_for(lambda: self.in_use + tokens <= self.capacity)
+            self.in_use += tokens
+        try:
+            yield
+        finally:
+            async with self._changed:
+                self.in_use -= tokens
+                self._changed.notify_all()
