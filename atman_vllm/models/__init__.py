@@ -1,5 +1,8 @@
-"""Tiny locally built models for tests and benchmarks (no hub downloads)."""
+"""Models without hub downloads: tiny locally built models for tests and benchmarks, and
+prepared real models (``resolve_model("smollm2-135m-instruct")``) built from installed packages."""
 
 from .factory import FAMILIES, build_tiny_model, load_tokenizer
+from .registry import PREPARED, PreparedModelError, model_cache_dir, prepare, resolve_model
 
-__all__ = ["FAMILIES", "build_tiny_model", "load_tokenizer"]
+__all__ = ["FAMILIES", "PREPARED", "PreparedModelError", "build_tiny_model", "load_tokenizer", "model_cache_dir",
+           "prepare", "resolve_model"]

@@ -26,7 +26,8 @@ EVAL_SEED = 20_260_101  # the facts task's evaluation documents; the demo model 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="atman-vllm eval", description=__doc__.split("\n")[0])
     p.add_argument("--model", default=str(DEFAULT_MODEL_DIR),
-                   help="model directory (default: the shipped demo model)")
+                   help="model directory or a prepared model's name, e.g. smollm2-135m-instruct "
+                        "(default: the shipped demo model)")
     p.add_argument("--squad", default=None, help="SQuAD-format JSON file (default: the generated facts task)")
     p.add_argument("--n", type=int, default=DEFAULT_N, help=f"number of examples (default {DEFAULT_N})")
     p.add_argument("--seed", type=int, default=EVAL_SEED, help="facts-task seed (and the random baseline's)")
@@ -51,6 +52,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.n <= 0:
         print(f"error: --n: must be > 0, got {args.n}", file=sys.stderr)
         return 2
+    from atman_vllm.models.registry import PreparedModelError, resolve_model
+
+    try:
+        args.model = resolve_model(args.model)  # a prepared model's name -> its directory (built on first use)
+    except PreparedModelError as e:
+        print(f"error: --model: {e}", file=sys.stderr)
+        return 1
     if not os.path.isdir(args.model):
         print(f"error: --model: no such directory: {args.model}", file=sys.stderr)
         return 2
