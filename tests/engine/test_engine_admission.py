@@ -78,3 +78,23 @@ def test_worker_leaves_uncomputed_targets_nan_and_the_front_end_fails_that_fork(
         fork_result(ForkJob((1, 2, 3, 4), 2), Output())
     Output.prompt_token_id_logprobs = [1.0, 2.0]
     assert np.array_equal(fork_result(ForkJob((1, 2, 3, 4), 2), Output()).target_ce, [1.0, 2.0])
+
+
+def test_a_model_the_biased_attention_cannot_serve_is_refused_at_start(tiny_models, tmp_path):
+    """Sliding-window attention: refused while the engine builds its layers, not in a step."""
+    import json
+    import shutil
+
+    from atman_vllm.api import AtmanLLM
+
+    from .conftest import ENGINE_ARGS
+
+    model = tmp_path / "qwen2-sliding"
+    shutil.copytree(tiny_models["qwen2"], model)
+    config = json.loads((model / "config.json").read_text())
+    config.update(use_sliding_window=True, sliding_window=16, max_window_layers=0,
+                  layer_types=["sliding_attention"] * config["num_hidden_layers"])
+    (model / "config.json").write_text(json.dumps(config))
+    with pytest.raises(Exception) as err:
+        AtmanLLM(str(model), **ENGINE_ARGS)
+    assert "sliding-window attention" in str(err.value) or "sliding-window attention" in repr(err.value.__cause__)
