@@ -14,7 +14,7 @@ DEFAULT_MAX_GENERATE_TOKENS = 1024
 DEFAULT_MAX_MESSAGE_BYTES = 16 * 2**20
 # Token positions all explanations' forks may have in the engine at once (0: no cap);
 # bounds what forks add to each step that generation shares (benchmarks/load/soak.py).
-DEFAULT_FORK_TOKENS_IN_FLIGHT = 1024
+DEFAULT_FORK_TOKENS_IN_FLIGHT = 0
 # Prompt characters per allowed token, when --max-prompt-chars is not given: generous
 # (a BPE token is a handful of characters, a long whitespace run a few dozen) and still
 # small enough that tokenizing a text at the limit takes milliseconds.
