@@ -158,34 +158,22 @@ def channel(plain_server):
         yield c
 
 
-def test_fuzz_explain_route(plain_server, idle_baseline, http):
+ROUTES = {"/v1/explain": explain_bodies, "/v1/completions": completion_bodies, "/v1/chat/completions": chat_bodies}
+# Bodies no strategy draws: deep nesting, truncation, bytes that are not UTF-8, a NaN token, 3 MB.
+RAW_BODIES = (b"[" * 200_000, b'{"prompt":' * 50_000, b"\xff" * 100, b'{"options": {"factor": NaN}}',
+              json.dumps({"prompt": "x" * 3_000_000, "target": " y"}).encode())
+
+
+@pytest.mark.parametrize("path", list(ROUTES))
+def test_fuzz_http_route(plain_server, idle_baseline, http, path):
     @FUZZ
-    @given(explain_bodies(plain_server))
+    @given(ROUTES[path](plain_server))
     def run(body):
-        _post(http, "/v1/explain", body)
+        _post(http, path, body)
 
     run()
-    for raw in (b"[" * 200_000, b'{"prompt":' * 50_000, b"\xff" * 100, b'{"options": {"factor": NaN}}',
-                json.dumps({"prompt": "x" * 3_000_000, "target": " y"}).encode()):
-        _post(http, "/v1/explain", None, raw=raw)
-
-
-def test_fuzz_completions(plain_server, idle_baseline, http):
-    @FUZZ
-    @given(completion_bodies(plain_server))
-    def run(body):
-        _post(http, "/v1/completions", body)
-
-    run()
-
-
-def test_fuzz_chat_completions(plain_server, idle_baseline, http):
-    @FUZZ
-    @given(chat_bodies(plain_server))
-    def run(body):
-        _post(http, "/v1/chat/completions", body)
-
-    run()
+    for raw in RAW_BODIES:
+        _post(http, path, None, raw=raw)
 
 
 proto_text = st.text(max_size=40) | st.sampled_from([e for e in EDGE_TEXT if "\ud800" not in e and "\udfff" not in e])
