@@ -19,6 +19,7 @@ from starlette.middleware import Middleware
 from .http_bodies import ExplainBody, explain_request_schema, parse_explain_body
 from .http_controls import CHAT_COMPLETIONS_PATH, COMPLETIONS_PATH, ControlPlanner
 from .http_guard import RequestGuard, error_response
+from .http_ui import add_ui_routes
 from .service import AtmanService
 
 EXPLAIN_PATH = "/v1/explain"
@@ -71,6 +72,7 @@ async def build_openai_app(llm, service: AtmanService, *, auth_token: str | None
     app = build_app(args, supported_tasks, llm.engine.model_config)
     await init_app_state(llm.engine, app.state, args, supported_tasks)
     add_explain_route(app, service)
+    add_ui_routes(app)  # GET /ui: the explanation page, calling the routes above
     planner = ControlPlanner(llm, app.state.online_renderer, service.plan_limits)
     # Appended, not add_middleware: innermost, after vLLM's authentication. vLLM's
     # SageMaker bootstrap has already built the middleware stack: build it again.

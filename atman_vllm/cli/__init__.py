@@ -18,6 +18,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "explain": ("atman_vllm.cli.explain", "explain why a model produces a target text"),
     "serve": ("atman_server.cli", "run the explanation service (gRPC, optional OpenAI-compatible HTTP)"),
     "eval": ("atman_vllm.quality.cli", "measure explanation quality on a labelled data set"),
+    "view": ("atman_vllm.cli.view", "write the explanation page (HTML) for a saved JSON result"),
 }
 
 

@@ -122,6 +122,36 @@ class ExplainResult:
             "stats": self.stats.to_dict(),
         }
 
+    # Display and conversions live in atman_vllm.view, imported on first use so
+    # the core carries no rendering code and imports neither rich nor torch.
+    def _repr_html_(self) -> str:
+        from atman_vllm.view import notebook_html
+
+        return notebook_html(self)
+
+    def __rich__(self):
+        from atman_vllm.view import explanation_group
+
+        return explanation_group(self)
+
+    def to_captum(self):
+        """Captum's ``LLMAttributionResult`` (needs captum); see ``atman_vllm.view.interop.to_captum``."""
+        from atman_vllm.view import to_captum
+
+        return to_captum(self)
+
+    def to_records(self) -> list[dict]:
+        """One tidy row per (explained target, unit); see ``atman_vllm.view.interop.to_records``."""
+        from atman_vllm.view import to_records
+
+        return to_records(self)
+
+    def to_dataframe(self):
+        """``to_records`` as a pandas DataFrame (needs pandas)."""
+        from atman_vllm.view import to_dataframe
+
+        return to_dataframe(self)
+
     @classmethod
     def from_dict(cls, d: dict) -> "ExplainResult":
         return cls(

@@ -70,7 +70,7 @@ def test_command_registry(capsys, monkeypatch):
     code, _, err = run(capsys)
     assert code == 2 and "usage" in err
     code, _, err = run(capsys, "explane")
-    assert code == 2 and err == "error: unknown command 'explane'; expected one of: explain, serve, eval\n"
+    assert code == 2 and err == "error: unknown command 'explane'; expected one of: explain, serve, eval, view\n"
     monkeypatch.setitem(cli.COMMANDS, "serve", ("atman_vllm.no_such_module", "run the service"))
     code, _, err = run(capsys, "serve", "--port", "1")
     assert code == 1 and err.count("\n") == 1
@@ -88,7 +88,7 @@ def test_render_explanation_shows_heatmap_and_top_units():
     text = buf.getvalue()
     plain_text = re.sub(r"\x1b\[[0-9;]*m", "", text)
     assert "Ben likes to eat burgers and" in plain_text
-    assert "\x1b[30;48;2;255;0;0mburgers" in text  # the top unit: full warm background
+    assert "\x1b[30;48;2;214;96;77mburgers" in text  # the top unit: the full warm end of the scale
     text = plain_text
     assert "target token 0: ' fries'" in text and "target token 1: ' and'" in text
     assert "'burgers'" in text and "+2.3026" in text  # top unit: -log(0.1) for " burgers"
