@@ -10,7 +10,7 @@ The engine dying (its core process killed, or a fatal error inside it) is
 watched for: health goes NOT_SERVING at once, running calls end with
 UNAVAILABLE / 503, and the process exits with status ENGINE_DIED_EXIT_STATUS
 within a few seconds so that a supervisor restarts it. Both exits are backed
-by a timer that ends the process even if something refuses to stop.
+by a timer that ends the process (and vLLM's processes with it) even if something refuses to stop.
 """
 
 from __future__ import annotations
@@ -46,7 +46,7 @@ ENGINE_DIED_EXIT_STATUS = 3
 ENGINE_DIED_NOT_SERVING_S = 1.0
 # How long a stopping process may take beyond what it was given (the grace period on
 # SIGTERM, nothing when the engine died) before it is ended regardless.
-STOP_MARGIN_S = 4.0
+STOP_MARGIN_S = 4.5
 
 
 @dataclass
@@ -58,10 +58,23 @@ class _Stopping:
 
     def engine_teardown(self) -> None:
         # Every call has ended and planning has stopped: the service stopped cleanly. If vLLM's
-        # own teardown outlasts the budget, its processes end on their own when their parent exits.
+        # own teardown outlasts the budget, the timer ends its processes and exits with 0.
         if self.status == 1:
             self.status = 0
         self.waiting_for = "vLLM's engine teardown"
+
+
+def _kill_child_processes() -> None:
+    """SIGKILL the engine core and its workers: they outlive a parent that exits without them."""
+    import psutil  # a vLLM dependency
+
+    children = psutil.Process().children(recursive=True)
+    for child in children:
+        try:
+            child.kill()
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(children, timeout=1.0)
 
 
 def _exit_regardless_after(seconds: float, stopping: _Stopping, why: str) -> None:
@@ -72,8 +85,9 @@ def _exit_regardless_after(seconds: float, stopping: _Stopping, why: str) -> Non
     waiting.
     """
     def end() -> None:
-        log.error("%s: still waiting for %s after %.1f s; exiting now with status %d", why, stopping.waiting_for,
-                  seconds, stopping.status)
+        log.error("%s: still waiting for %s after %.1f s; ending vLLM's processes and exiting with status %d",
+                  why, stopping.waiting_for, seconds, stopping.status)
+        _kill_child_processes()
         logging.shutdown()
         os._exit(stopping.status)
 

@@ -13,6 +13,7 @@ test shares them:
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import ipaddress
 import signal
@@ -36,6 +37,22 @@ TOKEN = "s3cret-test-token"
 START_TIMEOUT_S = 420
 # A minimal chat template: the tiny test tokenizer has none, and vLLM refuses chat without one.
 CHAT_TEMPLATE = "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}assistant:"
+
+
+def kill_tree(process: subprocess.Popen) -> None:
+    """SIGKILL a server and vLLM's processes under it (they would outlive a killed parent)."""
+    import psutil
+
+    try:
+        children = psutil.Process(process.pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        children = []
+    for proc in [*children]:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            proc.kill()
+    process.kill()
+    process.wait()
+    psutil.wait_procs(children, timeout=10)
 
 
 @dataclass
@@ -73,8 +90,7 @@ class Server:
         try:
             return self.process.wait(timeout_s)
         except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
+            kill_tree(self.process)
             raise
 
 
@@ -139,8 +155,7 @@ def _servers(service_model, tmp_path_factory):
         try:
             server.process.wait(max(1.0, deadline - time.monotonic()))
         except subprocess.TimeoutExpired:
-            server.process.kill()
-            server.process.wait()
+            kill_tree(server.process)
 
 
 @pytest.fixture(scope="session")

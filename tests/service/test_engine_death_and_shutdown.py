@@ -26,7 +26,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from atman_vllm.client import AtmanClient, AtmanError
 
-from .conftest import Server, _launch
+from .conftest import Server, _launch, kill_tree
 
 ENGINE_DIED_EXIT_STATUS = 3  # server/runner.py
 GRACE_S = 2.0
@@ -48,8 +48,7 @@ def _own_servers(service_model, tmp_path_factory):
     yield servers
     for server in servers.values():
         if server.process.poll() is None:
-            server.process.kill()
-            server.process.wait()
+            kill_tree(server.process)
 
 
 def _health(address: str) -> str:
@@ -62,6 +61,12 @@ def _health(address: str) -> str:
         return "GONE"
 
 
+def assert_no_survivors(processes: list[psutil.Process]) -> None:
+    """vLLM's engine and worker processes must end with the server, not outlive it."""
+    _, alive = psutil.wait_procs(processes, timeout=5)
+    assert not alive, f"outlived the server: {[(p.pid, p.name()) for p in alive]}"
+
+
 def _engine_core(server: Server) -> psutil.Process:
     for child in psutil.Process(server.process.pid).children(recursive=True):
         if "EngineCore" in " ".join(child.cmdline()) or "EngineCore" in child.name():
@@ -72,6 +77,7 @@ def _engine_core(server: Server) -> psutil.Process:
 def test_engine_death_turns_health_off_ends_calls_and_exits_nonzero(_own_servers):
     server = _own_servers["doomed"].wait_ready()
     core = _engine_core(server)
+    descendants = psutil.Process(server.process.pid).children(recursive=True)
     prompt = REPEATED_TEXT[:420]  # about 200 tokens: 200 forks (token units), seconds of work
     events, outcome = [], {}
 
@@ -111,12 +117,14 @@ def test_engine_death_turns_health_off_ends_calls_and_exits_nonzero(_own_servers
     assert "error" in outcome and outcome["error"].code == grpc.StatusCode.UNAVAILABLE, outcome
     assert "engine" in outcome["error"].message
     assert "the engine has stopped" in server.log_tail(80)
+    assert_no_survivors(descendants)
     print(f"engine killed after {len(events)} progress events; exit status {server.process.returncode} "
           f"{exited_after:.2f} s later; gRPC health seen: {sorted(seen)}; HTTP /health: {sorted(map(str, http_statuses))}")
 
 
 def test_sigterm_during_a_long_plan_exits_within_the_grace_period(_own_servers):
     server = _own_servers["long_context"].wait_ready()
+    descendants = psutil.Process(server.process.pid).children(recursive=True)
     with AtmanClient(server.grpc, timeout=60) as client:
         tokens = client.tokenize(REPEATED_TEXT * 30)
         prompt = (REPEATED_TEXT * 30)[:tokens[12_000].start]
@@ -141,6 +149,7 @@ def test_sigterm_during_a_long_plan_exits_within_the_grace_period(_own_servers):
     assert elapsed <= GRACE_S + 5.0, f"exited {elapsed:.1f} s after SIGTERM (grace {GRACE_S} s)"
     assert status == 0, f"exit status {status}: the plan was not cancelled, the process was ended; " \
                         f"{server.log_tail()}"
+    assert_no_survivors(descendants)
     tail = server.log_tail(60)
     # The exit timer may end vLLM's own teardown, never a wait for calls or plans.
     assert "still waiting for running calls" not in tail and "still waiting for plans" not in tail, tail
