@@ -190,3 +190,49 @@ def test_smollm2_source_is_the_installed_gguf():
         pytest.fail(f"{e} (make install does this)")
     assert path.name == "SmolLM2-135M-Instruct.Q4_1.gguf" and path.stat().st_size > 50e6
     assert registry._sha256(path) == digest
+
+
+def test_every_entry_point_resolves_the_name(fake, monkeypatch):
+    """explain, eval and serve turn a prepared model's name into its directory before loading anything."""
+    from atman_vllm.cli import explain as explain_cli
+    from atman_vllm.quality import cli as eval_cli
+
+    _, cache = fake
+    built = str((cache / NAME).resolve())
+    seen = {}
+
+    class Loaded(Exception):
+        pass
+
+    def load_backend(name, model_dir, engine_args=None):
+        seen["explain"] = model_dir
+        raise Loaded
+
+    monkeypatch.setattr(explain_cli, "load_backend", load_backend)
+    with pytest.raises(Loaded):
+        explain_cli.main(["--model", NAME, "--prompt", "a", "--target", "b"])
+
+    def evaluate(examples, *, model_dir, **kwargs):
+        seen["eval"] = model_dir
+        raise Loaded
+
+    monkeypatch.setattr(eval_cli, "evaluate", evaluate)
+    with pytest.raises(Loaded):
+        eval_cli.main(["--model", NAME, "--n", "1", "--methods", "random", "--no-progress"])
+
+    from atman_server.cli import _resolve_model
+
+    seen["serve"] = _resolve_model(NAME)
+    assert seen == {"explain": built, "eval": built, "serve": built}
+    assert _builds(cache) == 1
+
+
+def test_cli_reports_a_missing_source_package(fake, monkeypatch, capsys):
+    from atman_vllm.cli import explain as explain_cli
+
+    def missing(spec):
+        raise PreparedModelError("fake-model is built from a file in the package fake-dist, which is not installed")
+
+    monkeypatch.setattr(registry, "_source_file", missing)
+    assert explain_cli.main(["--model", NAME, "--prompt", "a", "--target", "b"]) == 1
+    assert "not installed" in capsys.readouterr().err
