@@ -25,6 +25,7 @@ demo: $(STAMP)
 	$(PY) -m atman_server.demo
 
 test: $(STAMP)
+	bash tests/view/install_chromium.sh  # the browser tests' Chromium (Debian's package)
 	$(PY) -m pytest -q tests
 
 bench: $(STAMP)

@@ -2,8 +2,9 @@
 
 Starts ``atman-vllm serve`` as a subprocess on a free loopback port, waits
 until its health check says SERVING, sends one Explain through
-``AtmanClient``, prints the highlighted prompt and the JSON result, then
-sends SIGTERM and checks that the server exited with status 0.
+``AtmanClient``, prints the highlighted prompt, the JSON result and the
+address of the web view (/ui) on that prompt, then (at a terminal, once
+Enter is pressed) sends SIGTERM and checks that the server exited with status 0.
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ import sys
 import tempfile
 import threading
 import time
+import urllib.parse
+import urllib.request
 from pathlib import Path
 from typing import TextIO
 
@@ -71,6 +74,20 @@ def wait_serving(client: AtmanClient, timeout_s: float) -> None:
         time.sleep(0.2)
 
 
+def show_web_view(http: str, prompt: str, target: str, granularity: str, console: Console) -> None:
+    """Print the /ui address that opens on the demo prompt (after checking the server serves it);
+    at a terminal, keep the server up until Enter so a person can open it."""
+    url = f"http://{http}/ui?" + urllib.parse.urlencode({"prompt": prompt, "target": target,
+                                                         "granularity": granularity, "run": 1})
+    with urllib.request.urlopen(f"http://{http}/ui", timeout=30) as page:
+        if page.status != 200:
+            raise RuntimeError(f"GET /ui answered {page.status}")
+    console.print(f"web view: {url}", markup=False, highlight=False, soft_wrap=True)
+    if sys.stdin.isatty():
+        console.print("[dim]press Enter to stop the server[/dim]")
+        sys.stdin.readline()
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default=None, help="model directory (default: the embedded default model)")
@@ -80,7 +97,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     console = Console()
-    command = [sys.executable, "-m", "atman_server.cli", "--grpc-port", "0", "--enforce-eager"]
+    command = [sys.executable, "-m", "atman_server.cli", "--grpc-port", "0", "--enforce-eager",
+               "--openai", "--http-port", "0"]  # HTTP too, for the web view at /ui
     if args.model:
         command += ["--model", args.model]
     log_file = tempfile.NamedTemporaryFile("w", prefix="atman-serve-", suffix=".log", delete=False)
@@ -94,6 +112,7 @@ def main(argv: list[str] | None = None) -> int:
             result = client.explain(args.prompt, args.target, granularity=args.granularity)
         render_explanation(result, console)
         print(json.dumps(result.to_dict(), indent=2))
+        show_web_view(ready["http"], args.prompt, args.target, args.granularity, console)
     except Exception as exc:
         console.print(f"[red]demo failed: {exc}[/red]; last lines of {log_file.name}:")
         console.print("\n".join(Path(log_file.name).read_text().splitlines()[-20:]), markup=False)

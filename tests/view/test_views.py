@@ -129,3 +129,11 @@ def test_captum_result_plots(token_result):
     assert complete.token_attr is None
     assert complete.seq_attr.tolist() == pytest.approx(c.seq_attr.tolist())
     assert c.output_probs.tolist() == pytest.approx([2.718281828 ** t.logprob for t in token_result.target_tokens])
+
+
+def test_core_imports_no_view_and_views_import_no_torch():
+    import subprocess
+
+    code = ("import sys, atman_vllm.core; assert 'atman_vllm.view' not in sys.modules and 'rich' not in sys.modules; "
+            "import atman_vllm.view; assert 'torch' not in sys.modules and 'pandas' not in sys.modules, 'heavy import'")
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
