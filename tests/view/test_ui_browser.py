@@ -6,7 +6,8 @@ directly from /v1/explain: every unit, its score, the legend's scale, the
 colours, the hover detail and the cost. Then generate-and-explain per token
 (switching target tokens) and steering side by side. Screenshots go to the
 test's temporary folder, or to $ATMAN_SCREENSHOT_DIR when set (docs/ui.png
-is made that way).
+is made that way). Tests ask for ``browser`` before ``ui_server``: without
+Chromium they skip before a server is started.
 """
 
 from __future__ import annotations
@@ -73,7 +74,7 @@ def test_ui_is_served_without_a_token_and_its_api_needs_one(ui_server):
     assert httpx.post(f"http://{ui_server.http}/v1/explain", json=body, timeout=60).status_code == 401
 
 
-def test_page_explains_the_demo_prompt(ui_server, browser, tmp_path):
+def test_page_explains_the_demo_prompt(browser, ui_server, tmp_path):
     # The address `make demo` prints: inputs from the query, run=1 starts the explanation at once.
     query = urllib.parse.urlencode({"prompt": DEMO_PROMPT, "target": DEMO_TARGET, "granularity": "word", "run": 1})
     browser.navigate(f"http://{ui_server.http}/ui?{query}")
@@ -125,7 +126,7 @@ def test_page_explains_the_demo_prompt(ui_server, browser, tmp_path):
     browser.screenshot(_screenshot_dir(tmp_path) / "ui.png")
 
 
-def test_page_generates_then_explains_and_switches_target_tokens(ui_server, browser, tmp_path):
+def test_page_generates_then_explains_and_switches_target_tokens(browser, ui_server, tmp_path):
     query = urllib.parse.urlencode({"prompt": DEMO_PROMPT, "granularity": "sentence", "target_granularity": "token",
                                     "max_tokens": 3})
     browser.navigate(f"http://{ui_server.http}/ui?{query}")
@@ -158,7 +159,7 @@ def test_page_generates_then_explains_and_switches_target_tokens(ui_server, brow
     browser.screenshot(_screenshot_dir(tmp_path) / "ui_tokens.png")
 
 
-def test_page_steers_and_compares_side_by_side(ui_server, browser, tmp_path):
+def test_page_steers_and_compares_side_by_side(browser, ui_server, tmp_path):
     query = urllib.parse.urlencode({"prompt": DEMO_PROMPT, "max_tokens": 4})
     browser.navigate(f"http://{ui_server.http}/ui?{query}")
     browser.evaluate(f"document.getElementById('token').value = {json.dumps(TOKEN)}")
