@@ -12,30 +12,37 @@ reserved ``vllm_xargs.atman``, the controls of ``http_controls``);
 
 from __future__ import annotations
 
+import json
+
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.middleware import Middleware
 
 from .http_bodies import ExplainBody, explain_request_schema, parse_explain_body
 from .http_controls import CHAT_COMPLETIONS_PATH, COMPLETIONS_PATH, ControlPlanner
 from .http_guard import RequestGuard, error_response
 from .http_ui import add_ui_routes
-from .service import AtmanService
+from .errors import service_error_from
+from .service import AtmanService, ExplainProgress
 
 EXPLAIN_PATH = "/v1/explain"
+EXPLAIN_STREAM_PATH = "/v1/explain/stream"
 
 
 def add_explain_route(app: FastAPI, service: AtmanService) -> None:
     from vllm.entrypoints.serve.utils.api_utils import with_cancellation
 
-    @with_cancellation  # a client that disconnects cancels the explain, which aborts its forks
-    async def explain_after_body(body: bytes, raw_request: Request) -> JSONResponse:
+    def parser(body: bytes):
         def parse():
             model, prompt, target, options = parse_explain_body(body)
             return service.explain_request(prompt, target, options, model)
 
+        return parse
+
+    @with_cancellation  # a client that disconnects cancels the explain, which aborts its forks
+    async def explain_after_body(body: bytes, raw_request: Request) -> JSONResponse:
         try:
-            result = await service.explain(parse, transport="http")
+            result = await service.explain(parser(body), transport="http")
         except Exception as exc:
             return error_response(exc)
         return JSONResponse(result.to_dict())
@@ -45,6 +52,41 @@ def add_explain_route(app: FastAPI, service: AtmanService) -> None:
         # request's messages); RequestGuard has bounded its size already.
         return await explain_after_body(await raw_request.body(), raw_request=raw_request)
 
+    async def explain_stream(raw_request: Request):
+        return await stream_after_body(await raw_request.body(), raw_request=raw_request)
+
+    @with_cancellation  # a disconnect before the first event cancels the explain too
+    async def stream_after_body(body: bytes, raw_request: Request):
+        """NDJSON: ``{"progress": {...}}`` lines as forks finish, then ``{"result": ...}``.
+
+        A request that fails before its first event gets the ordinary error
+        reply (400, 429, ...); a failure later is an ``{"error": ...}`` line,
+        the status being sent already. A client that disconnects cancels the
+        stream, which aborts every fork (Starlette cancels the body iterator).
+        """
+        events = service.explain_events(parser(body), transport="http-stream")
+        try:
+            first = await anext(events)
+        except StopAsyncIteration:  # pragma: no cover - a stream always ends with its result
+            return error_response(RuntimeError("the explain stream ended without a result"))
+        except Exception as exc:
+            return error_response(exc)
+
+        async def lines():
+            try:
+                event = first
+                while True:
+                    yield json.dumps(_stream_event(event)) + "\n"
+                    event = await anext(events)
+            except StopAsyncIteration:
+                return
+            except Exception as exc:
+                yield json.dumps(service_error_from(exc).to_http_body()) + "\n"
+            finally:
+                await events.aclose()
+
+        return StreamingResponse(lines(), media_type="application/x-ndjson")
+
     async def schema() -> JSONResponse:
         return JSONResponse(explain_request_schema())
 
@@ -52,8 +94,16 @@ def add_explain_route(app: FastAPI, service: AtmanService) -> None:
                       summary="AtMan explanation of a target after a prompt (the JSON contract)",
                       openapi_extra={"requestBody": {"required": True, "content": {
                           "application/json": {"schema": ExplainBody.model_json_schema()}}}})
+    app.add_api_route(EXPLAIN_STREAM_PATH, explain_stream, methods=["POST"],
+                      summary="The same explanation as NDJSON: progress lines, then the result")
     app.add_api_route(f"{EXPLAIN_PATH}/schema", schema, methods=["GET"],
                       summary="JSON Schema of the POST /v1/explain body")
+
+
+def _stream_event(event) -> dict:
+    if isinstance(event, ExplainProgress):
+        return {"progress": {"done_forks": event.done_forks, "total_forks": event.total_forks}}
+    return {"result": event.to_dict()}
 
 
 async def build_openai_app(llm, service: AtmanService, *, auth_token: str | None,

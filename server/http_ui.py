@@ -31,10 +31,11 @@ def _page() -> str:
     from atman_vllm.view import page_html
 
     # Imported here, not at the top: http_app imports this module before it defines EXPLAIN_PATH.
-    from .http_app import EXPLAIN_PATH
+    from .http_app import EXPLAIN_PATH, EXPLAIN_STREAM_PATH
     from .http_controls import COMPLETIONS_PATH
 
-    return page_html(api={"explain": EXPLAIN_PATH, "completions": COMPLETIONS_PATH, "models": MODELS_PATH})
+    return page_html(api={"explain": EXPLAIN_PATH, "explain_stream": EXPLAIN_STREAM_PATH,
+                          "completions": COMPLETIONS_PATH, "models": MODELS_PATH})
 
 
 def add_ui_routes(app: FastAPI) -> None:

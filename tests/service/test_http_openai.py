@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import json
+
 import httpx
 import jsonschema
 import openai
@@ -77,3 +79,21 @@ def test_metrics_count_explains_by_status(plain_server, client):
 
     log = plain_server.request_log()
     assert log and all('"prompt"' not in line for line in log)  # prompts are never logged by default
+
+
+def test_http_explain_stream_reports_progress_then_the_same_result(plain_server):
+    body = {"prompt": PROMPT, "target": TARGET, "options": {"granularity": "word"}}
+    with httpx.Client(base_url=f"http://{plain_server.http}", timeout=120) as http:
+        plain = http.post("/v1/explain", json=body).json()
+        with http.stream("POST", "/v1/explain/stream", json=body) as reply:
+            assert reply.status_code == 200 and reply.headers["content-type"].startswith("application/x-ndjson")
+            lines = [json.loads(line) for line in reply.iter_lines() if line]
+        progress = [line["progress"] for line in lines[:-1]]
+        assert progress and all(p["total_forks"] == plain["stats"]["forward_passes"] for p in progress)
+        assert [p["done_forks"] for p in progress] == sorted(p["done_forks"] for p in progress)
+        result = lines[-1]["result"]
+        jsonschema.validate(result, EXPLAIN_RESULT_SCHEMA)
+        assert [s["text"] for s in result["explanations"][0]["prompt_scores"]] == \
+            [s["text"] for s in plain["explanations"][0]["prompt_scores"]]
+        bad = http.post("/v1/explain/stream", json={**body, "options": {"factor": True}})
+        assert bad.status_code == 400 and bad.json()["error"]["param"] == "factor"

@@ -169,8 +169,42 @@
     return opts;
   }
 
-  // HTTP has no progress stream (gRPC's ExplainStream has one): the page shows
-  // that the call runs and for how long.
+  function authHeaders() {
+    const headers = { "Content-Type": "application/json" };
+    const token = $("token").value.trim();
+    if (token) headers.Authorization = "Bearer " + token;
+    return headers;
+  }
+
+  // POST /v1/explain/stream: NDJSON lines {"progress": {done_forks, total_forks}}, then {"result"}
+  // (or {"error"} once the reply has started). onProgress(done, total) as forks finish.
+  async function explainStreaming(body, onProgress) {
+    const r = await fetch(config.api.explain_stream, { method: "POST", headers: authHeaders(), body: JSON.stringify(body) });
+    if (!r.ok) {
+      const data = await r.json().catch(() => ({}));
+      throw new Error((data.error && data.error.message) || `HTTP ${r.status}`);
+    }
+    const reader = r.body.getReader();
+    const decoder = new TextDecoder();
+    let buffered = "";
+    for (;;) {
+      const { value, done } = await reader.read();
+      buffered += decoder.decode(value || new Uint8Array(), { stream: !done });
+      let newline;
+      while ((newline = buffered.indexOf("\n")) >= 0) {
+        const line = buffered.slice(0, newline).trim();
+        buffered = buffered.slice(newline + 1);
+        if (!line) continue;
+        const event = JSON.parse(line);
+        if (event.progress) onProgress(event.progress.done_forks, event.progress.total_forks);
+        else if (event.result) return event.result;
+        else if (event.error) throw new Error(event.error.message || "the explanation failed");
+      }
+      if (done) throw new Error("the explain stream ended without a result");
+    }
+  }
+
+  // The elapsed time while a call runs; explanations also report forks done.
   async function running(label, work) {
     const t0 = performance.now();
     $("progress").hidden = false;
@@ -198,7 +232,9 @@
           $("target").value = target;
         }
         const t0 = performance.now();
-        const data = await post(config.api.explain, { prompt, target, options: explainOptions() });
+        const data = await explainStreaming({ prompt, target, options: explainOptions() }, (done, total) => {
+          setState("running", `explaining: ${done} of ${total} forward passes done…`);
+        });
         show(data, (performance.now() - t0) / 1000);
       });
       setState("done", "");
