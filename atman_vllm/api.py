@@ -32,6 +32,7 @@ from atman_vllm.core import (
     Explainer,
     ForkJob,
     ForkResult,
+    GenerationDelta,
     HFTokenizer,
     InvalidRequestError,
     Limit,
@@ -74,15 +75,6 @@ class Generation:
     token_ids: tuple[int, ...]
     finish_reason: str | None
     cached_tokens: int  # prompt tokens served from the prefix cache
-
-
-@dataclass(frozen=True)
-class GenerationDelta:
-    text: str  # new text in this step
-    token_ids: list[int]  # new token ids
-    finished: bool
-    finish_reason: str | None
-    completion_text: str  # everything generated so far
 
 
 def _sampling(max_tokens: int, temperature: float, seed: int | None, logprobs: int | None = None) -> dict:
@@ -314,7 +306,7 @@ class AsyncAtmanLLM(_AtmanEngineMixin):
         async for out in self.engine.generate(ep, params, request_id=request_id or uuid.uuid4().hex):
             c = out.outputs[0]
             text += c.text
-            yield GenerationDelta(c.text, list(c.token_ids), out.finished, c.finish_reason, text)
+            yield GenerationDelta(c.text, tuple(c.token_ids), out.finished, c.finish_reason, text)
 
     async def kv_block_stats(self) -> dict:
         return await self.engine.engine_core.call_utility_async("atman_kv_block_stats")

@@ -23,7 +23,9 @@ from atman_vllm.proto_gen import atman_pb2 as pb
 
 from .errors import FIELD_METADATA_KEY, ErrorCode, ServiceError, service_error_from
 from .request_decoding import parse_request
-from .service import AtmanService, ExplainProgress, GenerateParams, ServerInfo
+from atman_vllm.core.events import ExplainProgress
+
+from .service import AtmanService, GenerateParams, ServerStatus
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Atman"].full_name
 HEALTH_METHOD_PREFIX = "/grpc.health.v1.Health/"
@@ -40,7 +42,7 @@ def _progress_to_proto(p: ExplainProgress) -> pb.ExplainProgress:
     return pb.ExplainProgress(done_forks=p.done_forks, total_forks=p.total_forks)
 
 
-def _info_to_proto(info: ServerInfo) -> pb.ServerInfoResponse:
+def _info_to_proto(info: ServerStatus) -> pb.ServerInfoResponse:
     limits = info.limits
     return pb.ServerInfoResponse(
         model=info.model,

@@ -23,7 +23,9 @@ from .http_controls import CHAT_COMPLETIONS_PATH, COMPLETIONS_PATH, ControlPlann
 from .http_guard import RequestGuard, error_response
 from .http_ui import add_ui_routes
 from .errors import service_error_from
-from .service import AtmanService, ExplainProgress
+from atman_vllm.core.events import ExplainProgress
+
+from .service import AtmanService
 
 EXPLAIN_PATH = "/v1/explain"
 EXPLAIN_STREAM_PATH = "/v1/explain/stream"

@@ -21,6 +21,7 @@ from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 
 from atman_vllm.core.controls import Control
+from atman_vllm.core.events import ExplainProgress
 from atman_vllm.core.options import ExplainOptions, InvalidRequestError
 from atman_vllm.core.planning import Limit, PlanLimits
 from atman_vllm.core.requests import ExplainRequest
@@ -33,12 +34,6 @@ from .metrics import ServiceMetrics
 request_log = logging.getLogger("atman_server.requests")
 
 DEFAULT_GENERATE_TOKENS = 64
-
-
-@dataclass(frozen=True)
-class ExplainProgress:
-    done_forks: int
-    total_forks: int
 
 
 @dataclass(frozen=True)
@@ -63,7 +58,9 @@ class TokenSpan:
 
 
 @dataclass(frozen=True)
-class ServerInfo:
+class ServerStatus:
+    """What ServerInfo reports (the gRPC reply and the client's ServerInfo are built from it)."""
+
     model: str
     max_model_len: int
     limits: ServiceLimits
@@ -320,9 +317,9 @@ class AtmanService:
         ids, offsets = self.llm.tokenizer.encode(text)
         return [TokenSpan(int(i), s, e - s, text[s:e]) for i, (s, e) in zip(ids, offsets)]
 
-    async def server_info(self) -> ServerInfo:
+    async def server_info(self) -> ServerStatus:
         config = self.llm.vllm_config
-        return ServerInfo(
+        return ServerStatus(
             model=self.llm.model_name,
             max_model_len=config.model_config.max_model_len,
             limits=self.limits,

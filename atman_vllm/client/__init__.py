@@ -36,7 +36,7 @@ from .messages import (
     channel_options,
     explain_event,
     explain_request,
-    generate_event,
+    generate_events,
     generate_request,
     server_info_from_proto,
     tokenize_request,
@@ -106,7 +106,7 @@ class AtmanClient:
             prompt, max_tokens=max_tokens, temperature=temperature, seed=seed, controls=controls,
             control_mode=control_mode, control_kappa=control_kappa, control_overlap=control_overlap,
             explain=explain, explain_options=explain_options, model=self._config.model)
-        return self._events(self._stub.Generate(request, **self._config.call_kwargs(timeout)), generate_event)
+        return self._events(self._stub.Generate(request, **self._config.call_kwargs(timeout)), generate_events())
 
     def tokenize(self, text: str, *, timeout: float | None = None) -> list[Token]:
         try:
@@ -189,7 +189,7 @@ class AsyncAtmanClient:
             prompt, max_tokens=max_tokens, temperature=temperature, seed=seed, controls=controls,
             control_mode=control_mode, control_kappa=control_kappa, control_overlap=control_overlap,
             explain=explain, explain_options=explain_options, model=self._config.model)
-        return self._events(self._stub.Generate(request, **self._config.call_kwargs(timeout)), generate_event)
+        return self._events(self._stub.Generate(request, **self._config.call_kwargs(timeout)), generate_events())
 
     async def tokenize(self, text: str, *, timeout: float | None = None) -> list[Token]:
         try:

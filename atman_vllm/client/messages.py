@@ -8,6 +8,7 @@ from pathlib import Path
 
 import grpc
 
+from atman_vllm.core.events import ExplainProgress, GenerationDelta
 from atman_vllm.core.options import ExplainOptions, InvalidRequestError
 from atman_vllm.proto_gen import atman_pb2 as pb
 
@@ -30,21 +31,6 @@ class AtmanError(Exception):
     def from_rpc_error(cls, error: grpc.RpcError) -> "AtmanError":
         trailing = dict(error.trailing_metadata() or ())
         return cls(error.code(), error.details() or "", trailing.get(FIELD_METADATA_KEY))
-
-
-@dataclass(frozen=True)
-class ExplainProgress:
-    done_forks: int
-    total_forks: int
-
-
-@dataclass(frozen=True)
-class GenerationDelta:
-    text: str  # new text
-    token_ids: tuple[int, ...]  # new token ids
-    finished: bool
-    finish_reason: str | None  # on the last delta
-    completion_text: str | None  # the whole completion, on the last delta
 
 
 @dataclass(frozen=True)
@@ -138,15 +124,23 @@ def explain_event(msg: pb.ExplainEvent):
     return result_from_proto(msg.result)
 
 
-def generate_event(msg: pb.GenerateEvent):
-    kind = msg.WhichOneof("event")
-    if kind == "explain_progress":
-        return progress_from_proto(msg.explain_progress)
-    if kind == "explanation":
-        return result_from_proto(msg.explanation)
-    d = msg.delta
-    return GenerationDelta(d.text, tuple(d.token_ids), d.finished, d.finish_reason or None,
-                           d.completion_text if d.finished else None)
+def generate_events():
+    """A converter for one Generate stream's events: deltas carry the text so far (the
+    wire sends the whole completion only on the last delta)."""
+    so_far = ""
+
+    def convert(msg: pb.GenerateEvent):
+        nonlocal so_far
+        kind = msg.WhichOneof("event")
+        if kind == "explain_progress":
+            return progress_from_proto(msg.explain_progress)
+        if kind == "explanation":
+            return result_from_proto(msg.explanation)
+        d = msg.delta
+        so_far = d.completion_text if d.finished else so_far + d.text
+        return GenerationDelta(d.text, tuple(d.token_ids), d.finished, d.finish_reason or None, so_far)
+
+    return convert
 
 
 def tokens_from_proto(msg: pb.TokenizeResponse) -> list[Token]:

@@ -7,6 +7,7 @@ subclass ``Explainer`` and only run forward passes.
 
 from .controls import Control, Overlap, plan_controls
 from .correlation import correlated_factors, cosine_similarity
+from .events import ExplainProgress, GenerationDelta
 from .explainer import Explainer, make_options
 from .options import (
     ExplainOptions,
@@ -47,8 +48,8 @@ from .units import AUTO_MAX_UNITS, Unit, segment_prompt, target_units
 
 __all__ = [
     "AUTO_MAX_UNITS", "CancelCheck", "Control", "EXPLAIN_RESULT_SCHEMA", "EmbeddingRows", "EncodedInput", "EncodedPrompt",
-    "ExplainOptions", "ExplainPlan", "ExplainRequest", "ExplainResult", "ExplainStats", "Explainer",
-    "ExplanationForTarget", "ForkJob", "ForkResult", "Granularity", "HFTokenizer", "InvalidRequestError",
+    "ExplainOptions", "ExplainPlan", "ExplainProgress", "ExplainRequest", "ExplainResult", "ExplainStats", "Explainer",
+    "ExplanationForTarget", "ForkJob", "ForkResult", "GenerationDelta", "Granularity", "HFTokenizer", "InvalidRequestError",
     "KeyBias", "Limit", "Mode", "Overlap", "PlanCancelled", "PlanLimits", "Postprocessing", "SpanScore", "TargetGranularity", "TargetToken", "TextSpan",
     "TokenSimilarity", "Tokenizer", "Unit", "check_factor", "check_kappa", "check_spans", "correlated_factors",
     "cosine_similarity", "encode_input", "encode_prompt", "make_options", "normalize_scores", "plan_controls",
