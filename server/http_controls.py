@@ -17,7 +17,7 @@ from fastapi.responses import JSONResponse
 
 from atman_vllm.core.controls import Control, check_controls, controls_bias, plan_controls
 from atman_vllm.core.options import InvalidRequestError
-from atman_vllm.core.plan import KeyBias
+from atman_vllm.core.jobs import KeyBias
 from atman_vllm.core.planning import PlanLimits
 from atman_vllm.core.tokens import EncodedPrompt
 from atman_vllm.vllm.wire import EXTRA_ARGS_KEY, AtmanRequestInfo

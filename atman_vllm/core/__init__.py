@@ -20,7 +20,7 @@ from .options import (
     check_kappa,
     check_spans,
 )
-from .plan import ForkJob, ForkResult, KeyBias
+from .jobs import ForkJob, ForkResult, KeyBias
 from .planning import (
     CancelCheck,
     EmbeddingRows,

@@ -26,7 +26,7 @@ import numpy as np
 
 from .correlation import correlated_factors
 from .options import MAX_FACTOR, MIN_FACTOR, InvalidRequestError, Mode, _enum, check_factor, check_kappa, factor_in_range
-from .plan import KeyBias
+from .jobs import KeyBias
 from .planning import EmbeddingRows, TokenSimilarity
 from .tokens import EncodedPrompt, Tokenizer, encode_prompt
 

@@ -16,7 +16,7 @@ from typing import Sequence
 import numpy as np
 
 from .options import ExplainOptions, InvalidRequestError
-from .plan import ForkJob, ForkResult
+from .jobs import ForkJob, ForkResult
 from .planning import ExplainPlan, plan_explanation
 from .requests import ExplainRequest
 from .results import ExplainResult

@@ -14,7 +14,7 @@ import numpy as np
 
 from .correlation import CosineSimilarity, correlated_factors
 from .options import ExplainOptions, InvalidRequestError, Mode
-from .plan import ForkJob, ForkResult, KeyBias
+from .jobs import ForkJob, ForkResult, KeyBias
 from .requests import ExplainRequest
 from .results import ExplainResult, ExplainStats, TargetToken
 from .scoring import raw_deltas, score_explanations

@@ -33,7 +33,7 @@ from typing import Literal
 
 import torch
 
-from atman_vllm.core.plan import KeyBias
+from atman_vllm.core.jobs import KeyBias
 
 from .key_bias import LOG_ADDITIVE, MULTIPLICATIVE, attend_with_key_bias, dense_row
 

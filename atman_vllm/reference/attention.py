@@ -21,7 +21,7 @@ from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface, eager_mask
 
 from atman_vllm.core.options import Mode
-from atman_vllm.core.plan import KeyBias
+from atman_vllm.core.jobs import KeyBias
 from atman_vllm.kernels.key_bias import apply_key_bias
 
 ATTENTION_NAME = "atman_reference"

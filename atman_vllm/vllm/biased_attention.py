@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 
 from atman_vllm.core.options import Mode
-from atman_vllm.core.plan import KeyBias
+from atman_vllm.core.jobs import KeyBias
 from atman_vllm.kernels.key_bias import dense_row
 
 # Attribute on a step's attention metadata: dict[batch row -> KeyBiasTensors].

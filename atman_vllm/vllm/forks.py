@@ -18,7 +18,7 @@ import numpy as np
 from vllm import SamplingParams
 from vllm.inputs import TokensPrompt
 
-from atman_vllm.core.plan import ForkJob, ForkResult, KeyBias
+from atman_vllm.core.jobs import ForkJob, ForkResult, KeyBias
 
 from .wire import AtmanRequestInfo
 

@@ -24,7 +24,7 @@ import secrets
 from dataclasses import dataclass
 
 from atman_vllm.core.options import Mode
-from atman_vllm.core.plan import KeyBias
+from atman_vllm.core.jobs import KeyBias
 
 EXTRA_ARGS_KEY = "atman"
 _SEAL_FIELD = "seal"

@@ -118,7 +118,7 @@ def make_bias(shape: BatchShape, correlated: bool, device: torch.device, host_ge
     """Per sequence: an AtMan unit of 4 consecutive keys at factor 0.1 just
     before the first query row (or at a random earlier spot for decodes),
     optionally plus 60 scattered correlated keys with factors in [0.1, 0.9]."""
-    from atman_vllm.core.plan import KeyBias
+    from atman_vllm.core.jobs import KeyBias
     from atman_vllm.kernels import KeyBiasCSR
 
     biases = []

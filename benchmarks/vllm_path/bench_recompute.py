@@ -37,7 +37,7 @@ STEPS = [
 
 
 def make_step(torch, forks: int, q_len: int, seq_len: int):
-    from atman_vllm.core.plan import KeyBias
+    from atman_vllm.core.jobs import KeyBias
     from atman_vllm.vllm.biased_attention import KeyBiasTensors
 
     gen = torch.Generator().manual_seed(0)

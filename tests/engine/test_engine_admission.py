@@ -67,7 +67,7 @@ def test_sealed_payload_that_does_not_fit_its_prompt_fails_alone(engines):
 
 
 def test_worker_leaves_uncomputed_targets_nan_and_the_front_end_fails_that_fork():
-    from atman_vllm.core.plan import ForkJob
+    from atman_vllm.core.jobs import ForkJob
     from atman_vllm.vllm.forks import fork_result
 
     class Output:

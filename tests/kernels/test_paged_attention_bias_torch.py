@@ -22,7 +22,7 @@ from paged_attention_reference import (
 )
 
 from atman_vllm.core.options import Mode
-from atman_vllm.core.plan import KeyBias
+from atman_vllm.core.jobs import KeyBias
 from atman_vllm.kernels import (
     KeyBiasCSR,
     paged_attention_with_key_bias,
