@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import importlib
 
-from .wire import AtmanRequestInfo
+from .wire import request_info
 
 # Modules that bind generate_block_hash_extra_keys at import (vLLM 0.32.0).
 _BINDING_MODULES = (
@@ -20,17 +20,6 @@ _BINDING_MODULES = (
     "vllm.v1.core.block_pool",
     "vllm.v1.simple_kv_offload.manager",
 )
-_INFO_ATTR = "_atman_info"
-_MISSING = object()
-
-
-def _request_info(request) -> AtmanRequestInfo | None:
-    cached = request.__dict__.get(_INFO_ATTR, _MISSING)
-    if cached is _MISSING:
-        params = request.sampling_params
-        cached = AtmanRequestInfo.from_extra_args(params.extra_args if params else None)
-        request.__dict__[_INFO_ATTR] = cached
-    return cached
 
 
 def install() -> None:
@@ -41,7 +30,7 @@ def install() -> None:
 
     def generate_block_hash_extra_keys(request, start_token_idx, end_token_idx, start_mm_idx):
         keys, next_mm_idx = original(request, start_token_idx, end_token_idx, start_mm_idx)
-        info = _request_info(request)
+        info = request_info(request)
         if info is not None:
             atman_keys = info.block_hash_keys(start_token_idx, end_token_idx)
             if atman_keys:

@@ -20,11 +20,11 @@ from dataclasses import dataclass
 import torch
 
 from .biased_attention import BATCH_BIAS_ATTR, KeyBiasTensors
-from .wire import AtmanRequestInfo, InvalidPayload
+from .wire import AtmanRequestInfo, request_info
 
 log = logging.getLogger(__name__)
 
-_INFO_ATTR = "_atman_info"
+_WORKER_ATTR = "_atman_worker_request"
 _CE_ATTR = "_atman_target_ce"
 _PENDING_ATTR = "_atman_pending_scores"
 _MISSING = object()
@@ -37,25 +37,13 @@ class WorkerRequest:
 
 
 def worker_request(state) -> WorkerRequest | None:
-    """Parse a request's AtMan data once and keep it on the request state.
-
-    Admission (``admission.py``) already parsed and checked this payload in
-    the front end, so this cannot fail; if it ever did, raising here would
-    stop the engine for everyone, so the request runs unperturbed and, if
-    it scores a target, returns no scores (its caller gets an error).
-    """
-    cached = state.__dict__.get(_INFO_ATTR, _MISSING)
+    """A request's AtMan data with its bias as tensors, built once and kept on the request state."""
+    cached = state.__dict__.get(_WORKER_ATTR, _MISSING)
     if cached is _MISSING:
-        params = getattr(state, "sampling_params", None)
-        try:
-            info = AtmanRequestInfo.from_extra_args(params.extra_args if params else None)
-            cached = None if info is None else WorkerRequest(
-                info, KeyBiasTensors.from_bias(info.bias) if info.bias is not None else None)
-        except (InvalidPayload, ValueError, TypeError) as exc:
-            log.error("atman: ignoring the payload of request %s that admission let through: %s",
-                      getattr(state, "req_id", "?"), exc)
-            cached = None
-        state.__dict__[_INFO_ATTR] = cached
+        info = request_info(state)
+        cached = None if info is None else WorkerRequest(
+            info, KeyBiasTensors.from_bias(info.bias) if info.bias is not None else None)
+        state.__dict__[_WORKER_ATTR] = cached
     return cached
 
 

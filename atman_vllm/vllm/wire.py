@@ -20,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
+import logging
 import secrets
 from dataclasses import dataclass
 
@@ -30,6 +31,9 @@ EXTRA_ARGS_KEY = "atman"
 _SEAL_FIELD = "seal"
 # Never written anywhere: a client cannot know it, so it cannot forge a payload.
 _SEAL_KEY = secrets.token_bytes(32)
+_INFO_ATTR = "_atman_info"  # the parsed payload, kept on vLLM's request object
+_MISSING = object()
+log = logging.getLogger(__name__)
 
 
 class InvalidPayload(ValueError):
@@ -167,3 +171,26 @@ class AtmanRequestInfo:
         if self.target_start is not None and end > self.target_start - 1:
             keys.append(("atman-score", self.nonce))
         return tuple(keys)
+
+
+def request_info(holder) -> AtmanRequestInfo | None:
+    """The payload of ``holder.sampling_params``, parsed once per object and kept on it.
+
+    ``holder`` is whatever vLLM keeps per request where the payload is read
+    (the scheduler's ``Request``, the runner's ``CachedRequestState``).
+    Admission (``admission.py``) already parsed and checked this payload, so
+    this cannot fail; if it ever did, raising here would stop the engine for
+    everyone, so the request runs unperturbed and, if it scores a target,
+    returns no scores (its caller gets an error).
+    """
+    cached = holder.__dict__.get(_INFO_ATTR, _MISSING)
+    if cached is _MISSING:
+        params = getattr(holder, "sampling_params", None)
+        try:
+            cached = AtmanRequestInfo.from_extra_args(params.extra_args if params else None)
+        except InvalidPayload as exc:
+            log.error("atman: ignoring the payload of request %s that admission let through: %s",
+                      getattr(holder, "req_id", getattr(holder, "request_id", "?")), exc)
+            cached = None
+        holder.__dict__[_INFO_ATTR] = cached
+    return cached
