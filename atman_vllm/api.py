@@ -107,6 +107,29 @@ class _AtmanEngineMixin:
             return replace(limits, tokens=context)
         return limits
 
+    def _self_test_plan(self):
+        from .vllm.self_test import self_test_plan
+
+        cache = self.vllm_config.cache_config
+        return self_test_plan(self.tokenizer, cache.block_size, bool(cache.enable_prefix_caching))
+
+    @staticmethod
+    def _steered_decode_request(plan):
+        """Two greedy tokens under the self-test's bias; the second comes from a decode step."""
+        from vllm.inputs import TokensPrompt
+
+        from .vllm.forks import controlled_params
+
+        return (TokensPrompt(prompt_token_ids=list(plan.token_ids)),
+                controlled_params(plan.bias, **_sampling(2, 0.0, None, 1)))
+
+    @staticmethod
+    def _second_token(output) -> tuple[tuple[int, ...], float]:
+        """The generated ids and the log-probability of the second (decode-step) token."""
+        c = output.outputs[0]
+        ids = tuple(c.token_ids)
+        return ids, c.logprobs[1][ids[1]].logprob
+
     def _controlled_prompt(self, prompt: str, controls, control_mode, control_kappa, control_overlap):
         from vllm.inputs import TokensPrompt
 
@@ -125,7 +148,8 @@ class AtmanLLM(_AtmanEngineMixin, Explainer):
 
         model = resolve_model(model)  # a prepared model's name ("smollm2-135m-instruct") -> its directory
         self.llm = LLM(**_engine_kwargs(model, engine_args))
-        config = self.llm.llm_engine.vllm_config.model_config
+        self.vllm_config = self.llm.llm_engine.vllm_config
+        config = self.vllm_config.model_config
         self._init_common(model, self.llm.get_tokenizer(), config.max_model_len)
 
     # -- Explainer -----------------------------------------------------------------
@@ -144,6 +168,20 @@ class AtmanLLM(_AtmanEngineMixin, Explainer):
 
     def complete(self, prompt: str, max_tokens: int) -> str:
         return self.generate([prompt], max_tokens=max_tokens)[0].text
+
+    def self_test(self) -> list[str]:
+        """What is not in effect of the plugin's seams (empty: all are); see vllm/self_test.py."""
+        from .vllm.self_test import decode_failures, fork_failures
+
+        plan = self._self_test_plan()
+        try:
+            failures = fork_failures(plan, self.run_jobs(plan.forks))
+            prompt, params = self._steered_decode_request(plan)
+            ids, logprob = self._second_token(self.llm.generate([prompt], [params], use_tqdm=False)[0])
+            biased, plain = self.run_jobs(plan.decode_forks(ids))
+        except RuntimeError as exc:  # e.g. no target scores at all: the runner hooks are missing
+            return [f"the self-test's requests failed: {exc}"]
+        return failures + decode_failures(logprob, biased, plain)
 
     def explain(self, prompt: str, target: str | None = None, options=None, *, max_tokens: int = 32,
                 **option_kwargs) -> ExplainResult:
@@ -260,8 +298,6 @@ class AsyncAtmanLLM(_AtmanEngineMixin):
 
         Cancelling the awaiting task aborts every fork still running.
         """
-        from .vllm.forks import unperturbed_first
-
         request_id = request_id or uuid.uuid4().hex
         started = time.perf_counter()
         if not request.target:
@@ -274,7 +310,14 @@ class AsyncAtmanLLM(_AtmanEngineMixin):
             plan = None
         if plan is None:
             plan = await self.plan_async(request)
-        jobs = plan.jobs
+        results = await self._run_jobs(plan.jobs, request_id, on_progress)
+        return plan.finish(results, time.perf_counter() - started)
+
+    async def _run_jobs(self, jobs: Sequence[ForkJob], request_id: str,
+                        on_progress: Callable[[int, int], None] | None = None) -> list[ForkResult]:
+        """Every job, the unperturbed ones first; cancelling aborts every fork still running."""
+        from .vllm.forks import unperturbed_first
+
         results: list[ForkResult | None] = [None] * len(jobs)
         done = 0
         for wave in unperturbed_first(jobs):
@@ -289,7 +332,25 @@ class AsyncAtmanLLM(_AtmanEngineMixin):
                 for t in tasks:
                     t.cancel()
                 await asyncio.gather(*tasks, return_exceptions=True)
-        return plan.finish(results, time.perf_counter() - started)  # type: ignore[arg-type]
+        return results  # type: ignore[return-value]
+
+    async def self_test(self) -> list[str]:
+        """What is not in effect of the plugin's seams (empty: all are); see vllm/self_test.py."""
+        from .vllm.self_test import decode_failures, fork_failures
+
+        plan = self._self_test_plan()
+        request_id = f"atman-self-test-{uuid.uuid4().hex[:8]}"
+        try:
+            failures = fork_failures(plan, await self._run_jobs(plan.forks, request_id))
+            prompt, params = self._steered_decode_request(plan)
+            final = None
+            async for out in self.engine.generate(prompt, params, request_id=f"{request_id}-steer"):
+                final = out
+            ids, logprob = self._second_token(final)
+            biased, plain = await self._run_jobs(plan.decode_forks(ids), f"{request_id}-decode")
+        except RuntimeError as exc:  # e.g. no target scores at all: the runner hooks are missing
+            return [f"the self-test's requests failed: {exc}"]
+        return failures + decode_failures(logprob, biased, plain)
 
     async def generate(self, prompt: str, *, max_tokens: int = 64, temperature: float = 0.0, seed: int | None = None,
                        controls: Sequence[Control] = (), control_mode: str = "log-additive",

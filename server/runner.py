@@ -6,6 +6,10 @@ tests wait for. SIGTERM or SIGINT: health goes NOT_SERVING, both servers stop
 accepting, running calls get the grace period to finish, the rest are
 cancelled (their forks aborted), the engine shuts down, exit status 0.
 
+Before serving, a self-test (``atman_vllm/vllm/self_test.py``) checks that
+the plugin's seams are in effect in this engine; if not, the process exits
+with status SELF_TEST_FAILED_EXIT_STATUS without opening a port.
+
 The engine dying (its core process killed, or a fatal error inside it) is
 watched for: health goes NOT_SERVING at once, running calls end with
 UNAVAILABLE / 503, and the process exits with status ENGINE_DIED_EXIT_STATUS
@@ -22,6 +26,7 @@ import os
 import signal
 import sys
 import threading
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -44,6 +49,7 @@ log = logging.getLogger("atman_server")
 ENGINE_CHECK_INTERVAL_S = 0.25
 ENGINE_DIED_EXIT_STATUS = 3
 ENGINE_DIED_NOT_SERVING_S = 1.0
+SELF_TEST_FAILED_EXIT_STATUS = 4
 # How long a stopping process may take beyond what it was given (the grace period on
 # SIGTERM, nothing when the engine died) before it is ended regardless.
 STOP_MARGIN_S = 4.5
@@ -94,6 +100,22 @@ def _exit_regardless_after(seconds: float, stopping: _Stopping, why: str) -> Non
     timer = threading.Timer(seconds, end)
     timer.daemon = True
     timer.start()
+
+
+class SelfTestFailed(SystemExit):
+    """The plugin's seams are not all in effect in this engine: refuse to serve."""
+
+
+async def _self_test(llm) -> None:
+    started = time.monotonic()
+    failures = await llm.self_test()
+    if failures:
+        for failure in failures:
+            log.error("self-test: %s", failure)
+        log.error("refusing to serve: explanations or steering would be wrong (docs/vllm_touchpoints.md)")
+        raise SelfTestFailed(SELF_TEST_FAILED_EXIT_STATUS)
+    log.info("self-test passed in %.2f s: target scoring, biased attention, prefix-cache keys and steered "
+             "decoding are in effect", time.monotonic() - started)
 
 
 async def _watch_engine(llm, engine_died: asyncio.Event, stop: asyncio.Event) -> None:
@@ -156,6 +178,11 @@ async def serve(config: ServeConfig) -> int:
                                          fork_tokens_in_flight=config.fork_tokens_in_flight or None,
                                          **config.engine_args)
     grpc_server = http_server = metrics_server = None
+    try:
+        await _self_test(llm)
+    except BaseException:
+        llm.shutdown()
+        raise
     watchdog = asyncio.create_task(_watch_engine(llm, engine_died, stop))
     stopping: _Stopping | None = None
     try:
@@ -241,4 +268,7 @@ def _configure_logging() -> None:
 
 def run(config: ServeConfig) -> int:
     _configure_logging()
-    return asyncio.run(serve(config))
+    try:
+        return asyncio.run(serve(config))
+    except SelfTestFailed as refused:
+        return int(refused.code)

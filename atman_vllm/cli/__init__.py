@@ -19,6 +19,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "serve": ("atman_server.cli", "run the explanation service (gRPC, optional OpenAI-compatible HTTP)"),
     "eval": ("atman_vllm.quality.cli", "measure explanation quality on a labelled data set"),
     "view": ("atman_vllm.cli.view", "write the explanation page (HTML) for a saved JSON result"),
+    "doctor": ("atman_vllm.cli.doctor", "show what AtMan runs on here and self-test the plugin's seams"),
 }
 
 

@@ -4,7 +4,13 @@ and the scheduler and runner hooks; see docs/vllm_touchpoints.md."""
 
 from __future__ import annotations
 
+import os
+
 _installed = False
+# Seams to leave out (comma-separated): a diagnostic switch, so that a test can show the
+# start-up self-test refusing an engine whose seam is missing (as after a vLLM upgrade).
+DISABLE_ENV = "ATMAN_VLLM_DISABLE_SEAMS"
+SEAMS = ("backend", "admission", "block_hash", "runner_hooks")
 
 
 def register() -> None:
@@ -17,14 +23,22 @@ def register() -> None:
 
     from . import admission, block_hash, runner_hooks
 
-    if current_platform.is_cpu():
-        register_backend(AttentionBackendEnum.CPU_ATTN, "atman_vllm.vllm.backend_cpu.AtmanCPUAttentionBackend")
-    elif current_platform.is_cuda():
-        # AtmanLLM selects TRITON_ATTN on CUDA: its cache layout is the one the kernel reads.
-        register_backend(AttentionBackendEnum.TRITON_ATTN, "atman_vllm.vllm.backend_gpu.AtmanTritonAttentionBackend")
-    admission.install()
-    block_hash.install()
-    runner_hooks.install(GPUModelRunner)
+    disabled = {name.strip() for name in os.environ.get(DISABLE_ENV, "").split(",") if name.strip()}
+    if disabled - set(SEAMS):
+        raise ValueError(f"{DISABLE_ENV}: unknown seams {sorted(disabled - set(SEAMS))}; known: {', '.join(SEAMS)}")
+    if "backend" not in disabled:
+        if current_platform.is_cpu():
+            register_backend(AttentionBackendEnum.CPU_ATTN, "atman_vllm.vllm.backend_cpu.AtmanCPUAttentionBackend")
+        elif current_platform.is_cuda():
+            # AtmanLLM selects TRITON_ATTN on CUDA: its cache layout is the one the kernel reads.
+            register_backend(AttentionBackendEnum.TRITON_ATTN,
+                             "atman_vllm.vllm.backend_gpu.AtmanTritonAttentionBackend")
+    if "admission" not in disabled:
+        admission.install()
+    if "block_hash" not in disabled:
+        block_hash.install()
+    if "runner_hooks" not in disabled:
+        runner_hooks.install(GPUModelRunner)
     _install_kv_block_stats()
     _installed = True
 
@@ -39,3 +53,20 @@ def _install_kv_block_stats() -> None:
         return {"free": pool.get_num_free_blocks(), "total": pool.num_gpu_blocks}
 
     EngineCore.atman_kv_block_stats = atman_kv_block_stats
+
+
+def seam_status() -> dict[str, bool]:
+    """Which seams are installed in this process (the worker's are checked by the self-test)."""
+    from vllm.platforms import current_platform
+    from vllm.v1.attention.backends.registry import AttentionBackendEnum
+    from vllm.v1.core import kv_cache_utils
+    from vllm.v1.engine.input_processor import InputProcessor
+    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+
+    backend = AttentionBackendEnum.CPU_ATTN if current_platform.is_cpu() else AttentionBackendEnum.TRITON_ATTN
+    return {
+        "backend": backend.get_path().startswith("atman_vllm."),
+        "admission": getattr(InputProcessor.process_inputs, "_atman", False),
+        "block_hash": getattr(kv_cache_utils.generate_block_hash_extra_keys, "_atman", False),
+        "runner_hooks": getattr(GPUModelRunner, "_atman_hooks_installed", False),
+    }

@@ -26,9 +26,10 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from atman_vllm.client import AtmanClient, AtmanError
 
-from .conftest import Server, _launch, kill_tree
+from .conftest import START_TIMEOUT_S, Server, _launch, kill_tree
 
 ENGINE_DIED_EXIT_STATUS = 3  # server/runner.py
+SELF_TEST_FAILED_EXIT_STATUS = 4
 GRACE_S = 2.0
 REPEATED_TEXT = "Otto lives in Lisbon. Mira works as a pilot. " * 40
 
@@ -159,3 +160,24 @@ def test_sigterm_during_a_long_plan_exits_within_the_grace_period(_own_servers):
     log = server.request_log()
     assert log and '"status": "CANCELLED"' in log[-1], log[-3:]
     print(f"SIGTERM during planning: exit status {status} after {elapsed:.2f} s (grace {GRACE_S} s)")
+
+
+@pytest.mark.parametrize("seam", ["backend", "block_hash"])
+def test_the_server_refuses_to_start_when_a_seam_is_missing(service_model, tmp_path, seam, monkeypatch):
+    """As after a vLLM upgrade that moved something the plugin patches: the self-test catches it."""
+    monkeypatch.setenv("ATMAN_VLLM_DISABLE_SEAMS", seam)
+    server = _launch(service_model, tmp_path / "refused.log")
+    try:
+        status = server.process.wait(START_TIMEOUT_S)
+    finally:
+        if server.process.poll() is None:
+            kill_tree(server.process)
+    log = server.log_tail(80)
+    assert status == SELF_TEST_FAILED_EXIT_STATUS, log
+    assert "refusing to serve" in log and "self-test:" in log
+    assert '{"event": "ready"' not in log  # no port was ever announced
+
+
+def test_a_server_with_every_seam_logs_a_passing_self_test(plain_server):
+    assert "self-test passed" in plain_server.log_tail(400) or \
+        "self-test passed" in plain_server.log_path.read_text(errors="replace")
