@@ -23,11 +23,10 @@ from atman_vllm.core.tokens import EncodedPrompt
 from atman_vllm.vllm.wire import EXTRA_ARGS_KEY, AtmanRequestInfo
 
 from .errors import ServiceError, invalid
-from .http_guard import ReplyInstead
+from .http_guard import COMPLETIONS_PATH, ReplyInstead
 from .service import CONTROL_FIELD_NAMES, check_text
 
 CONTROL_FIELDS = ("controls", "control_mode", "control_kappa", "control_overlap")
-COMPLETIONS_PATH = "/v1/completions"
 CHAT_COMPLETIONS_PATH = "/v1/chat/completions"
 # Control keys a request may send; "message" only on chat completions.
 CONTROL_KEYS = ("start", "length", "factor")

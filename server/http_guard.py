@@ -9,6 +9,7 @@ anything a later vLLM adds) and ours all sit behind ``RequestGuard``. It
   the field: AtMan payloads are built by this server only. (The engine's
   admission check refuses unsealed payloads too, whatever route or encoding
   they come by; this layer gives the client the 400 before a stream starts);
+- refuses the few bodies vLLM itself is known to fail on with a 500;
 - lets a per-path rewriter change the parsed body before the route sees it
   (the attention controls of completions and chat completions).
 
@@ -67,6 +68,24 @@ def refuse_reserved_fields(data) -> None:
                                       "`controls` body fields and explain with POST /v1/explain")
 
 
+COMPLETIONS_PATH = "/v1/completions"
+
+
+def refuse_known_vllm_failures(path: str, data) -> None:
+    """400 for bodies vLLM 0.32.0 accepts and then fails on with a 500 (found by tests/service/test_fuzz.py).
+
+    - /v1/completions with ``echo`` and an empty text prompt: the engine generates after the
+      BOS, then building the reply asserts that the prompt text is not None.
+    """
+    if path != COMPLETIONS_PATH or not isinstance(data, dict) or data.get("echo") is not True:
+        return
+    prompts = data.get("prompt")
+    if isinstance(prompts, str):
+        prompts = [prompts]
+    if isinstance(prompts, list) and any(p == "" for p in prompts):
+        raise invalid("prompt", "must not be empty when echo is set")
+
+
 class RequestGuard:
     def __init__(self, app, *, max_body_bytes: int, rewriters: dict[str, Rewriter]):
         self.app = app
@@ -104,6 +123,7 @@ class RequestGuard:
     async def _checked(self, path: str, body: bytes) -> bytes:
         data = _parsed_json(body)
         refuse_reserved_fields(data)
+        refuse_known_vllm_failures(path, data)
         rewriter = self.rewriters.get(path)
         if rewriter is None or data is None:
             return body

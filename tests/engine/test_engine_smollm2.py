@@ -18,7 +18,7 @@ import torch
 from atman_vllm.core import ExplainOptions
 from tolerances import assert_close
 
-from .conftest import ENGINE_ARGS
+from .conftest import ENGINE_ARGS, multiprocess_engine
 
 NAME = "smollm2-135m-instruct"
 # 41 tokens: past the first 32-token block, so forks of units in the second block share the first.
@@ -53,7 +53,10 @@ def smollm2_dir():
 def smollm2_engine(smollm2_dir):
     from atman_vllm.api import AtmanLLM
 
-    llm = AtmanLLM(NAME, **ENGINE_ARGS)  # the name, as a user passes it: resolved to smollm2_dir
+    # An engine of its own processes: shutting down an in-process engine would tear down state
+    # (vLLM's distributed groups) that the session's other in-process engines still use.
+    with multiprocess_engine():
+        llm = AtmanLLM(NAME, **ENGINE_ARGS)  # the name, as a user passes it: resolved to smollm2_dir
     assert llm.model_name == smollm2_dir
     yield llm
     llm.shutdown()

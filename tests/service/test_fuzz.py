@@ -108,8 +108,9 @@ def _post(http: httpx.Client, path: str, body, raw: bytes | None = None) -> None
     COUNTS[path] = COUNTS.get(path, 0) + 1
     assert reply.status_code < 500, f"{path}: {reply.status_code} {reply.text[:500]} for {content[:300]!r}"
     if reply.status_code >= 400:
-        error = reply.json().get("error", reply.json())
-        message = error.get("message") if isinstance(error, dict) else None
+        data = reply.json()
+        error = data.get("error", data)  # vLLM's and ours: {"error": {...}}; FastAPI's own: {"detail": ...}
+        message = (error.get("message") or error.get("detail")) if isinstance(error, dict) else None
         assert message, f"{path}: {reply.status_code} without a message: {reply.text[:300]}"
         if path == "/v1/explain":
             assert error.get("param") and message.startswith(f"{error['param']}: "), reply.text[:300]

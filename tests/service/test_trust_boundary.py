@@ -91,3 +91,14 @@ def test_a_prompt_longer_than_the_context_is_a_client_error_on_both_transports(p
     assert err.value.code == grpc.StatusCode.INVALID_ARGUMENT and err.value.field == "prompt"
     assert "characters" in err.value.message
     assert [e for e in client.generate(PROMPT, max_tokens=2)][-1].finished  # still serving
+
+
+def test_a_body_vllm_would_fail_on_is_a_client_error(plain_server):
+    """Found by the fuzz test: vLLM 0.32.0 answers 500 to echo with an empty prompt."""
+    for prompt in ("", [""]):
+        reply = httpx.post(f"http://{plain_server.http}/v1/completions", timeout=60,
+                           json={"model": plain_server.model, "prompt": prompt, "echo": True, "max_tokens": 2})
+        assert reply.status_code == 400 and reply.json()["error"]["param"] == "prompt", reply.text[:300]
+    reply = httpx.post(f"http://{plain_server.http}/v1/completions", timeout=60,
+                       json={"model": plain_server.model, "prompt": "Otto", "echo": True, "max_tokens": 2})
+    assert reply.status_code == 200 and reply.json()["choices"][0]["text"].startswith("Otto")

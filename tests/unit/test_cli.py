@@ -70,7 +70,7 @@ def test_command_registry(capsys, monkeypatch):
     code, _, err = run(capsys)
     assert code == 2 and "usage" in err
     code, _, err = run(capsys, "explane")
-    assert code == 2 and err == "error: unknown command 'explane'; expected one of: explain, serve, eval, view\n"
+    assert code == 2 and err == "error: unknown command 'explane'; expected one of: explain, serve, eval, view, doctor\n"
     monkeypatch.setitem(cli.COMMANDS, "serve", ("atman_vllm.no_such_module", "run the service"))
     code, _, err = run(capsys, "serve", "--port", "1")
     assert code == 1 and err.count("\n") == 1
