@@ -31,7 +31,6 @@ from .errors import ServiceError, invalid
 
 SCHEMA_PATH = Path(__file__).resolve().parent.parent / "docs" / "schema" / "explain_request.json"
 _STRICT = ConfigDict(extra="forbid", allow_inf_nan=False, strict=True, use_enum_values=False)
-Number = Annotated[float, Field(strict=True)]
 # A character span of the prompt: [start, length], both non-negative integers.
 Span = Annotated[list[Annotated[StrictInt, Field(ge=0)]], Field(min_length=2, max_length=2)]
 
@@ -41,10 +40,10 @@ class ExplainOptionsBody(BaseModel):
 
     model_config = ConfigDict(**_STRICT, title="ExplainOptions")
 
-    factor: Annotated[Number, Field(ge=MIN_FACTOR, le=MAX_FACTOR)] = Field(
+    factor: Annotated[float, Field(ge=MIN_FACTOR, le=MAX_FACTOR)] = Field(
         0.1, description="suppression (< 1) or amplification (> 1) factor, applied in every layer")
     mode: Annotated[Mode, Field(strict=False)] = Mode.LOG_ADDITIVE
-    kappa: Annotated[Number, Field(ge=0.0, le=1.0)] | None = Field(
+    kappa: Annotated[float, Field(ge=0.0, le=1.0)] | None = Field(
         None, description="correlated-suppression threshold; null: off")
     granularity: Annotated[Granularity, Field(strict=False)] = Granularity.AUTO
     delimiter: StrictStr | None = Field(None, description="for granularity 'custom'")

