@@ -42,9 +42,6 @@ from atman_vllm.core import (
 )
 from atman_vllm.core.planning import CancelCheck
 
-# Defaults that make explanations share the prefix cache well on CPU: small
-# blocks (sharing is block-granular) and a KV cache sized for a small machine.
-_CPU_DEFAULTS = {"block_size": 32, "kv_cache_memory_bytes": 1 << 30}
 # vLLM's priority scheduling (lower value first): an explanation's forks run at
 # this priority, ordinary generation at vLLM's default 0, so n + 1 forks never
 # push a generation that arrives after them to the back of the queue.
@@ -52,20 +49,9 @@ DEFAULT_EXPLAIN_PRIORITY = 1
 
 
 def _engine_kwargs(model: str, engine_args: dict) -> dict:
-    from vllm.platforms import current_platform
+    from .vllm.engine_config import supported_engine_kwargs
 
-    kwargs = dict(engine_args)
-    kwargs["model"] = str(model)
-    kwargs.setdefault("enable_prefix_caching", True)
-    kwargs.setdefault("scheduling_policy", "priority")
-    if current_platform.is_cpu():
-        for k, v in _CPU_DEFAULTS.items():
-            if k == "kv_cache_memory_bytes" and os.environ.get("VLLM_CPU_KVCACHE_SPACE"):
-                continue
-            kwargs.setdefault(k, v)
-    elif current_platform.is_cuda():
-        kwargs.setdefault("attention_backend", "TRITON_ATTN")  # the backend the AtMan kernel extends
-    return kwargs
+    return supported_engine_kwargs(model, engine_args)
 
 
 @dataclass(frozen=True)

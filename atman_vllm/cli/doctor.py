@@ -33,6 +33,19 @@ def _runner_name(llm) -> str:
     return f"{type(runner).__module__}.{type(runner).__name__}" if runner is not None else "unknown"
 
 
+def _backend_path(platform) -> str:
+    """The class vLLM builds attention layers from on this platform (engine_config pins it on CUDA)."""
+    from vllm.v1.attention.backends.registry import AttentionBackendEnum
+
+    from ..vllm.engine_config import CUDA_BACKEND
+
+    backend = AttentionBackendEnum.CPU_ATTN if platform.is_cpu() else AttentionBackendEnum[CUDA_BACKEND]
+    try:
+        return f"{backend.name} -> {backend.get_path()}"
+    except ValueError as exc:  # CUSTOM that nothing registered
+        return f"{backend.name} -> none ({exc})"
+
+
 def main(argv: list[str]) -> int:
     args = _parser().parse_args(argv)
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # the worker in this process, to read its state
@@ -53,6 +66,9 @@ def main(argv: list[str]) -> int:
             "platform": type(current_platform).__name__,
             "model": config.model_config.model,
             "model runner": _runner_name(llm),
+            "attention backend": _backend_path(current_platform),
+            "async scheduling": str(bool(config.scheduler_config.async_scheduling)),
+            "CUDA graph mode": str(getattr(config.compilation_config.cudagraph_mode, "name", "NONE")),
             "dtype": str(config.model_config.dtype).removeprefix("torch."),
             "block size": str(config.cache_config.block_size),
             "prefix caching": str(bool(config.cache_config.enable_prefix_caching)),

@@ -48,9 +48,12 @@ def install() -> None:
     """
     from vllm.v1.engine.input_processor import InputProcessor
 
+    from .seams import expect_function
+
     original = InputProcessor.process_inputs
     if getattr(original, "_atman", False):
         return
+    expect_function("admission", InputProcessor, "process_inputs", ("request_id", "prompt", "params"))
 
     def process_inputs(self, *args, **kwargs):
         request = original(self, *args, **kwargs)

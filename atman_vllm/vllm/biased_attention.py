@@ -13,6 +13,18 @@ from atman_vllm.kernels.key_bias import dense_row
 
 # Attribute on a step's attention metadata: dict[batch row -> KeyBiasTensors].
 BATCH_BIAS_ATTR = "atman_bias"
+# What both backends' impls call on their stock base class, as they call it.
+IMPL_FORWARD_PARAMS = ("layer", "query", "key", "value", "kv_cache", "attn_metadata", "output", "output_scale",
+                       "output_block_scale")
+IMPL_INIT_PARAMS = ("num_heads", "head_size", "scale", "num_kv_heads", "alibi_slopes", "sliding_window")
+
+
+def check_stock_impl(impl_cls: type) -> None:
+    """The stock attention impl a backend subclasses has the methods it overrides, as they are called."""
+    from .seams import expect_function
+
+    expect_function("backend", impl_cls, "forward", IMPL_FORWARD_PARAMS)
+    expect_function("backend", impl_cls, "__init__", IMPL_INIT_PARAMS)
 
 
 def refuse_unsupported_features(impl, *, windowed: bool, quantised_kv: bool) -> None:

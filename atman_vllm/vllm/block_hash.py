@@ -23,10 +23,14 @@ _BINDING_MODULES = (
 
 
 def install() -> None:
+    from .seams import expect_function
+
     base = importlib.import_module(_BINDING_MODULES[0])
     original = base.generate_block_hash_extra_keys
     if getattr(original, "_atman", False):
         return
+    expect_function("block_hash", base, "generate_block_hash_extra_keys",
+                    ("request", "start_token_idx", "end_token_idx", "start_mm_idx"))
 
     def generate_block_hash_extra_keys(request, start_token_idx, end_token_idx, start_mm_idx):
         keys, next_mm_idx = original(request, start_token_idx, end_token_idx, start_mm_idx)

@@ -22,17 +22,21 @@ def register() -> None:
     from vllm.v1.worker.gpu_model_runner import GPUModelRunner
 
     from . import admission, block_hash, runner_hooks
+    from .seams import check_vllm_version
 
+    check_vllm_version()
     disabled = {name.strip() for name in os.environ.get(DISABLE_ENV, "").split(",") if name.strip()}
     if disabled - set(SEAMS):
         raise ValueError(f"{DISABLE_ENV}: unknown seams {sorted(disabled - set(SEAMS))}; known: {', '.join(SEAMS)}")
     if "backend" not in disabled:
+        _check_stock_backend(current_platform)
         if current_platform.is_cpu():
             register_backend(AttentionBackendEnum.CPU_ATTN, "atman_vllm.vllm.backend_cpu.AtmanCPUAttentionBackend")
         elif current_platform.is_cuda():
-            # AtmanLLM selects TRITON_ATTN on CUDA: its cache layout is the one the kernel reads.
-            register_backend(AttentionBackendEnum.TRITON_ATTN,
-                             "atman_vllm.vllm.backend_gpu.AtmanTritonAttentionBackend")
+            # vLLM's CUSTOM slot, selected by AtmanLLM / serve (engine_config.CUDA_BACKEND); an
+            # engine that does not ask for it keeps stock TRITON_ATTN. The CPU platform
+            # ignores a backend selection (always CPU_ATTN), hence the override above.
+            register_backend(AttentionBackendEnum.CUSTOM, "atman_vllm.vllm.backend_gpu.AtmanTritonAttentionBackend")
     if "admission" not in disabled:
         admission.install()
     if "block_hash" not in disabled:
@@ -41,6 +45,18 @@ def register() -> None:
         runner_hooks.install(GPUModelRunner)
     _install_kv_block_stats()
     _installed = True
+
+
+def _check_stock_backend(platform) -> None:
+    from .biased_attention import check_stock_impl
+
+    if platform.is_cpu():
+        from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackendImpl as stock
+    elif platform.is_cuda():
+        from vllm.v1.attention.backends.triton_attn import TritonAttentionImpl as stock
+    else:
+        return
+    check_stock_impl(stock)
 
 
 def _install_kv_block_stats() -> None:
@@ -63,9 +79,13 @@ def seam_status() -> dict[str, bool]:
     from vllm.v1.engine.input_processor import InputProcessor
     from vllm.v1.worker.gpu_model_runner import GPUModelRunner
 
-    backend = AttentionBackendEnum.CPU_ATTN if current_platform.is_cpu() else AttentionBackendEnum.TRITON_ATTN
+    backend = AttentionBackendEnum.CPU_ATTN if current_platform.is_cpu() else AttentionBackendEnum.CUSTOM
+    try:
+        backend_installed = backend.get_path().startswith("atman_vllm.")
+    except ValueError:  # CUSTOM that nothing registered
+        backend_installed = False
     return {
-        "backend": backend.get_path().startswith("atman_vllm."),
+        "backend": backend_installed,
         "admission": getattr(InputProcessor.process_inputs, "_atman", False),
         "block_hash": getattr(kv_cache_utils.generate_block_hash_extra_keys, "_atman", False),
         "runner_hooks": getattr(GPUModelRunner, "_atman_hooks_installed", False),

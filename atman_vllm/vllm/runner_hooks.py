@@ -109,9 +109,13 @@ def install(runner_cls) -> None:
         return
     from vllm.v1.outputs import ModelRunnerOutput
 
-    build = runner_cls._build_attention_metadata
-    prompt_logprobs = runner_cls._get_prompt_logprobs_dict
-    sample_tokens = runner_cls.sample_tokens
+    from .seams import expect_fields, expect_function
+
+    build = expect_function("runner_hooks", runner_cls, "_build_attention_metadata", ("num_tokens", "num_reqs"))
+    prompt_logprobs = expect_function("runner_hooks", runner_cls, "_get_prompt_logprobs_dict",
+                                      ("hidden_states", "num_scheduled_tokens"))
+    sample_tokens = expect_function("runner_hooks", runner_cls, "sample_tokens", ("grammar_output",))
+    expect_fields("runner_hooks", ModelRunnerOutput, ("req_ids", "prompt_token_id_logprobs_dict"))
 
     def _build_attention_metadata(self, *args, **kwargs):
         attn_metadata, spec_metadata = build(self, *args, **kwargs)

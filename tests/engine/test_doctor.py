@@ -21,6 +21,8 @@ def test_doctor_reports_the_engine_and_a_passing_self_test(tiny_models):
               if line and not line.startswith("  -")}
     assert report["vLLM"] == "0.32.0" and report["dtype"] == "float32" and report["block size"] == "32"
     assert report["scheduling policy"] == "priority" and report["self-test"] == "passed"
+    assert report["attention backend"].endswith("atman_vllm.vllm.backend_cpu.AtmanCPUAttentionBackend")
+    assert report["async scheduling"] == "False"
     assert all(report[f"seam: {s}"] == "installed" for s in ("backend", "admission", "block_hash", "runner_hooks"))
     assert report["CPU kernel ISA (KV layout)"] != "none seen"
 
