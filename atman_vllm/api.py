@@ -36,6 +36,7 @@ from atman_vllm.core import (
     HFTokenizer,
     InvalidRequestError,
     Limit,
+    Mode,
     PlanLimits,
     plan_controls,
     plan_explanation,
@@ -180,7 +181,7 @@ class AtmanLLM(_AtmanEngineMixin, Explainer):
 
     # -- generation ----------------------------------------------------------------
     def generate(self, prompts: str | Sequence[str], *, max_tokens: int = 64, temperature: float = 0.0,
-                 seed: int | None = None, controls: Sequence[Control] = (), control_mode: str = "log-additive",
+                 seed: int | None = None, controls: Sequence[Control] = (), control_mode: Mode | str = Mode.LOG_ADDITIVE,
                  control_kappa: float | None = None, control_overlap: str = "partial") -> list[Generation]:
         """Generate completions, optionally steered by attention ``controls`` on the prompt."""
         from .vllm.forks import controlled_params
@@ -195,7 +196,7 @@ class AtmanLLM(_AtmanEngineMixin, Explainer):
         return [Generation(p, o.outputs[0].text, tuple(o.outputs[0].token_ids), o.outputs[0].finish_reason,
                            int(o.num_cached_tokens or 0)) for p, o in zip(prompts, outputs)]
 
-    def next_token_logprobs(self, prompt: str, *, controls: Sequence[Control] = (), control_mode: str = "log-additive",
+    def next_token_logprobs(self, prompt: str, *, controls: Sequence[Control] = (), control_mode: Mode | str = Mode.LOG_ADDITIVE,
                             control_kappa: float | None = None, control_overlap: str = "partial",
                             num_logprobs: int = 20) -> dict[int, float]:
         """Top next-token log-probabilities after ``prompt`` (raw model scores), under controls."""
@@ -339,7 +340,7 @@ class AsyncAtmanLLM(_AtmanEngineMixin):
         return failures + decode_failures(logprob, biased, plain)
 
     async def generate(self, prompt: str, *, max_tokens: int = 64, temperature: float = 0.0, seed: int | None = None,
-                       controls: Sequence[Control] = (), control_mode: str = "log-additive",
+                       controls: Sequence[Control] = (), control_mode: Mode | str = Mode.LOG_ADDITIVE,
                        control_kappa: float | None = None, control_overlap: str = "partial",
                        request_id: str | None = None) -> AsyncIterator[GenerationDelta]:
         from vllm.sampling_params import RequestOutputKind

@@ -3,18 +3,14 @@
 Importing this package does not import Triton; the kernels load on first use.
 """
 
+from .key_bias import KeyBiasCSR
 from .paged_attention_bias import (
-    LOG_ADDITIVE,
-    MULTIPLICATIVE,
-    KeyBiasCSR,
     dense_log_factors,
     paged_attention_with_key_bias,
     paged_attention_with_key_bias_torch,
 )
 
 __all__ = [
-    "LOG_ADDITIVE",
-    "MULTIPLICATIVE",
     "KeyBiasCSR",
     "dense_log_factors",
     "paged_attention_with_key_bias",

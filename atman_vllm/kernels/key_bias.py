@@ -1,15 +1,93 @@
 """AtMan's per-key bias on attention scores, in PyTorch: the one definition
 (ATMAN_SPEC §2) used by the reference explainer, the CPU backend and the
-kernels' fallback. The Triton kernel is tested against it."""
+kernels' fallback, and ``KeyBiasCSR``, the one tensor form of key biases from
+the worker to the kernels. The Triton kernel is tested against it.
+
+A key bias is a ``core.KeyBias`` (positions, factors, ``core.Mode``) on the
+host; as tensors it is always a ``KeyBiasCSR`` over a batch of sequences (a
+request's own bias is a batch of one). The mode is ``core.Mode`` throughout;
+only the Triton launch maps it to a kernel constant.
+"""
 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 
-LOG_ADDITIVE = "log-additive"
-MULTIPLICATIVE = "multiplicative"
+from atman_vllm.core.jobs import KeyBias
+from atman_vllm.core.options import Mode
+
+
+@dataclass(frozen=True)
+class KeyBiasCSR:
+    """The per-sequence key biases of a batch, CSR over sequences.
+
+    ``values`` hold ``log f`` (both modes), float32; ``positions`` int32,
+    absolute key positions; ``multiplicative[s]`` is sequence s's mode. A
+    sequence with no entries is unperturbed.
+    """
+
+    start_loc: torch.Tensor  # [num_seqs + 1] int32
+    positions: torch.Tensor  # [nnz] int32
+    values: torch.Tensor  # [nnz] float32
+    multiplicative: torch.Tensor  # [num_seqs] bool
+
+    @classmethod
+    def from_key_biases(cls, biases: Sequence[KeyBias | None], device: torch.device | str = "cpu") -> "KeyBiasCSR":
+        """One entry per sequence, in batch order; ``None`` = unperturbed. Built on the host and
+        copied once (non-blocking from pinned memory when ``device`` is CUDA)."""
+        start_loc = [0]
+        for b in biases:
+            start_loc.append(start_loc[-1] + (0 if b is None else len(b.positions)))
+        positions = [p for b in biases if b is not None for p in b.positions]
+        values = [math.log(f) for b in biases if b is not None for f in b.factors]
+        multiplicative = [b is not None and Mode(b.mode) is Mode.MULTIPLICATIVE for b in biases]
+        device = torch.device(device)
+        pin = device.type == "cuda"
+
+        def to_device(data, dtype):
+            t = torch.tensor(data, dtype=dtype)
+            if pin:
+                t = t.pin_memory()
+            return t.to(device, non_blocking=pin)
+
+        return cls(to_device(start_loc, torch.int32), to_device(positions, torch.int32),
+                   to_device(values, torch.float32), to_device(multiplicative, torch.bool))
+
+    @classmethod
+    def concat(cls, parts: Sequence["KeyBiasCSR"]) -> "KeyBiasCSR":
+        """The batches one after the other (the sequences of a step's sub-batch)."""
+        offsets = torch.tensor([0] + [int(p.positions.numel()) for p in parts[:-1]]).cumsum(0)
+        starts = [parts[0].start_loc[:1]] + [p.start_loc[1:] + int(o) for p, o in zip(parts, offsets)]
+        return cls(torch.cat(starts).to(torch.int32), torch.cat([p.positions for p in parts]),
+                   torch.cat([p.values for p in parts]), torch.cat([p.multiplicative for p in parts]))
+
+    @property
+    def num_seqs(self) -> int:
+        return int(self.multiplicative.numel())
+
+    @property
+    def mode(self) -> Mode:
+        """The batch's one mode (a kernel launch applies one); ValueError when they differ."""
+        modes = {Mode.MULTIPLICATIVE if m else Mode.LOG_ADDITIVE for m in self.multiplicative.tolist()}
+        if len(modes) > 1:
+            raise ValueError(f"one launch applies one mode, got {sorted(m.value for m in modes)}")
+        return modes.pop() if modes else Mode.LOG_ADDITIVE
+
+    def dense(self, width: int) -> torch.Tensor:
+        """``[num_seqs, width]`` float32 log-factors (0 = key left alone); entries past ``width`` dropped."""
+        seq_of_entry = torch.repeat_interleave(torch.arange(self.num_seqs, device=self.positions.device),
+                                               (self.start_loc[1:] - self.start_loc[:-1]).long())
+        rows = torch.zeros(self.num_seqs, width, dtype=torch.float32, device=self.values.device)
+        keep = (self.positions >= 0) & (self.positions < width)
+        rows[seq_of_entry[keep], self.positions[keep].long()] = self.values[keep]
+        return rows
+
+    def to(self, device: torch.device | str) -> "KeyBiasCSR":
+        return KeyBiasCSR(*(t.to(device) for t in (self.start_loc, self.positions, self.values, self.multiplicative)))
 
 
 def apply_key_bias(scores: torch.Tensor, visible: torch.Tensor, log_factors: torch.Tensor,
@@ -44,7 +122,7 @@ def dense_row(positions: torch.Tensor, log_factors: torch.Tensor, length: int) -
 
 
 def attend_with_key_bias(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scale: float,
-                         log_factors: torch.Tensor | None, mode: str) -> torch.Tensor:
+                         log_factors: torch.Tensor | None, mode: Mode) -> torch.Tensor:
     """Causal attention of the last ``q`` positions of one length-``s`` sequence.
 
     ``query`` ``[q, heads, d]``; ``keys``/``values`` ``[s, kv_heads, d]`` (GQA:
@@ -63,5 +141,5 @@ def attend_with_key_bias(query: torch.Tensor, keys: torch.Tensor, values: torch.
     if log_factors is None:
         scores = scores.masked_fill(~visible, -math.inf)
     else:
-        scores = apply_key_bias(scores, visible, log_factors, mode == MULTIPLICATIVE)
+        scores = apply_key_bias(scores, visible, log_factors, Mode(mode) is Mode.MULTIPLICATIVE)
     return torch.einsum("hqk,khd->qhd", torch.softmax(scores, dim=-1), v).to(query.dtype)

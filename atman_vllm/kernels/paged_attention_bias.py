@@ -25,19 +25,15 @@ kernels in Triton's CPU interpreter, in a process started with
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
 from dataclasses import dataclass
-from enum import Enum
 from types import ModuleType
 from typing import Literal
 
 import torch
 
-from atman_vllm.core.jobs import KeyBias
+from atman_vllm.core.options import Mode
 
-from .key_bias import LOG_ADDITIVE, MULTIPLICATIVE, attend_with_key_bias, dense_row
-
-_MODES = (LOG_ADDITIVE, MULTIPLICATIVE)
+from .key_bias import KeyBiasCSR, attend_with_key_bias, dense_row
 
 Implementation = Literal["auto", "triton", "interpreter", "torch"]
 
@@ -59,58 +55,11 @@ _SCATTER_CHUNK = 128
 # --------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class KeyBiasCSR:
-    """The batch's per-sequence key biases, CSR over sequences.
-
-    ``values`` hold ``log f`` (both modes), float32; ``positions`` int32.
-    """
-
-    start_loc: torch.Tensor  # [num_seqs + 1] int32
-    positions: torch.Tensor  # [nnz] int32
-    values: torch.Tensor  # [nnz] float32
-    mode: str = LOG_ADDITIVE
-
-    @classmethod
-    def from_key_biases(cls, biases: Sequence[KeyBias | None], device: torch.device | str = "cpu") -> "KeyBiasCSR":
-        """One entry per sequence, in batch order; ``None`` = unperturbed.
-
-        All non-None biases must share a mode (one kernel launch applies one
-        mode). Built on the host and copied once (non-blocking from pinned
-        memory when ``device`` is CUDA).
-        """
-        modes = {_mode_name(b.mode) for b in biases if b is not None}
-        if len(modes) > 1:
-            raise ValueError(f"one launch applies one mode, got {sorted(modes)}")
-        mode = modes.pop() if modes else LOG_ADDITIVE
-        counts = [0 if b is None else len(b.positions) for b in biases]
-        start_loc = [0]
-        for c in counts:
-            start_loc.append(start_loc[-1] + c)
-        positions = [p for b in biases if b is not None for p in b.positions]
-        values = [math.log(f) for b in biases if b is not None for f in b.factors]
-        device = torch.device(device)
-        pin = device.type == "cuda"
-
-        def to_device(data, dtype):
-            t = torch.tensor(data, dtype=dtype)
-            if pin:
-                t = t.pin_memory()
-            return t.to(device, non_blocking=pin)
-
-        return cls(
-            start_loc=to_device(start_loc, torch.int32),
-            positions=to_device(positions, torch.int32),
-            values=to_device(values, torch.float32),
-            mode=mode,
-        )
-
-
-def _mode_name(mode) -> str:
-    name = mode.value if isinstance(mode, Enum) else str(mode)
-    if name not in _MODES:
-        raise ValueError(f"mode must be one of {_MODES}, got {mode!r}")
-    return name
+def _mode(mode) -> Mode:
+    try:
+        return Mode(mode)
+    except ValueError:
+        raise ValueError(f"mode must be one of {[m.value for m in Mode]}, got {mode!r}") from None
 
 
 # --------------------------------------------------------------------------
@@ -130,7 +79,7 @@ def paged_attention_with_key_bias_torch(
     bias_start_loc: torch.Tensor | None = None,
     bias_positions: torch.Tensor | None = None,
     bias_values: torch.Tensor | None = None,
-    mode: str = LOG_ADDITIVE,
+    mode: Mode = Mode.LOG_ADDITIVE,
     out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Same contract as ``paged_attention_with_key_bias``, in plain PyTorch.
@@ -141,7 +90,7 @@ def paged_attention_with_key_bias_torch(
     parity and not needed here.
     """
     del max_query_len
-    mode = _mode_name(mode)
+    mode = _mode(mode)
     _check_shapes(query, key_cache, value_cache, block_table, seq_lens, query_start_loc)
     has_bias = _check_bias(bias_start_loc, bias_positions, bias_values, seq_lens.shape[0])
     if out is None:
@@ -186,7 +135,7 @@ def paged_attention_with_key_bias(
     bias_start_loc: torch.Tensor | None = None,
     bias_positions: torch.Tensor | None = None,
     bias_values: torch.Tensor | None = None,
-    mode: str = LOG_ADDITIVE,
+    mode: Mode = Mode.LOG_ADDITIVE,
     out: torch.Tensor | None = None,
     *,
     implementation: Implementation = "auto",
@@ -226,7 +175,7 @@ def paged_attention_with_key_bias(
 
     Returns ``out``.
     """
-    mode = _mode_name(mode)
+    mode = _mode(mode)
     if implementation == "auto":
         implementation = "triton" if query.is_cuda else "torch"
     if implementation == "torch":
@@ -367,7 +316,7 @@ def _paged_attention_triton(
     # run the bias-free specialisation, same work as the stock kernel.
     bias_mode = kernels.BIAS_NONE
     if has_bias and bias_positions.numel() > 0:
-        bias_mode = kernels.BIAS_LOG_ADDITIVE if mode == LOG_ADDITIVE else kernels.BIAS_MULTIPLICATIVE
+        bias_mode = kernels.BIAS_MODES[mode]
         if bias_positions.dtype != torch.int32:
             bias_positions = bias_positions.to(torch.int32)
         if bias_start_loc.dtype != torch.int32:

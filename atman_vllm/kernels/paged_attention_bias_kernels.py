@@ -40,9 +40,13 @@ from typing import NamedTuple
 import triton
 import triton.language as tl
 
+from atman_vllm.core.options import Mode
+
 BIAS_NONE = 0
 BIAS_LOG_ADDITIVE = 1
 BIAS_MULTIPLICATIVE = 2
+# core.Mode -> the kernels' constexpr (the one place the mode becomes a number).
+BIAS_MODES = {Mode.LOG_ADDITIVE: BIAS_LOG_ADDITIVE, Mode.MULTIPLICATIVE: BIAS_MULTIPLICATIVE}
 
 
 class QBlock(NamedTuple):

@@ -11,55 +11,25 @@ layer and head applies the given per-row key bias before the softmax.
 from __future__ import annotations
 
 import contextlib
-import math
 from contextvars import ContextVar
-from dataclasses import dataclass
-from typing import Iterator, Sequence
+from typing import Iterator
 
 import torch
 from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface, eager_mask
 
-from atman_vllm.core.options import Mode
-from atman_vllm.core.jobs import KeyBias
-from atman_vllm.kernels.key_bias import apply_key_bias
+from atman_vllm.kernels.key_bias import KeyBiasCSR, apply_key_bias
 
 ATTENTION_NAME = "atman_reference"
 
 
-@dataclass(frozen=True)
-class RowKeyBias:
-    """Dense per-batch-row key factors for one forward pass.
-
-    ``log_factor[b, k]`` is ``log f_k`` for row b (0 = key left alone);
-    ``multiplicative[b]`` is row b's mode.
-    """
-
-    log_factor: torch.Tensor  # [B, K] float32
-    multiplicative: torch.Tensor  # [B] bool
-
-    @classmethod
-    def from_key_biases(cls, biases: Sequence[KeyBias | None], length: int) -> "RowKeyBias":
-        log_factor = torch.zeros(len(biases), length, dtype=torch.float32)
-        multiplicative = torch.zeros(len(biases), dtype=torch.bool)
-        for row, bias in enumerate(biases):
-            if bias is None:
-                continue
-            if bias.positions and bias.positions[-1] >= length:
-                raise ValueError(f"bias position {bias.positions[-1]} is outside a sequence of {length} tokens")
-            multiplicative[row] = Mode(bias.mode) is Mode.MULTIPLICATIVE
-            for pos, f in zip(bias.positions, bias.factors):
-                log_factor[row, pos] = math.log(f)
-        return cls(log_factor, multiplicative)
-
-
 # Set only for the duration of one forward pass (``key_bias_scope``), so no
 # bias can leak into another call, thread or task.
-_ACTIVE_BIAS: ContextVar[RowKeyBias | None] = ContextVar("atman_reference_key_bias", default=None)
+_ACTIVE_BIAS: ContextVar[KeyBiasCSR | None] = ContextVar("atman_reference_key_bias", default=None)
 
 
 @contextlib.contextmanager
-def key_bias_scope(bias: RowKeyBias | None) -> Iterator[None]:
+def key_bias_scope(bias: KeyBiasCSR | None) -> Iterator[None]:
     token = _ACTIVE_BIAS.set(bias)
     try:
         yield
@@ -67,12 +37,13 @@ def key_bias_scope(bias: RowKeyBias | None) -> Iterator[None]:
         _ACTIVE_BIAS.reset(token)
 
 
-def biased_scores(scores: torch.Tensor, visible: torch.Tensor, bias: RowKeyBias | None) -> torch.Tensor:
-    """Apply AtMan to pre-softmax scores ``[B, H, Q, K]`` and mask invisible keys with -inf."""
+def biased_scores(scores: torch.Tensor, visible: torch.Tensor, bias: KeyBiasCSR | None) -> torch.Tensor:
+    """Apply AtMan to pre-softmax scores ``[B, H, Q, K]`` (batch row b under sequence b of
+    ``bias``, each in its own mode) and mask invisible keys with -inf."""
     if bias is None:
         return scores.masked_fill(~visible, -torch.inf)
-    return apply_key_bias(scores, visible, bias.log_factor[:, None, None, :],
-                          bias.multiplicative[:, None, None, None])
+    return apply_key_bias(scores, visible, bias.dense(scores.shape[-1]).to(scores.device)[:, None, None, :],
+                          bias.multiplicative.to(scores.device)[:, None, None, None])
 
 
 def _visible_keys(attention_mask: torch.Tensor | None, q_len: int, k_len: int, device) -> torch.Tensor:

@@ -18,8 +18,9 @@ from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
 from atman_vllm.core import Explainer, ForkJob, ForkResult, HFTokenizer, KeyBias, Tokenizer
 from atman_vllm.core.tokens import encode_prompt
+from atman_vllm.kernels.key_bias import KeyBiasCSR
 
-from .attention import ATTENTION_NAME, RowKeyBias, key_bias_scope
+from .attention import ATTENTION_NAME, key_bias_scope
 
 
 class ReferenceExplainer(Explainer):
@@ -66,7 +67,10 @@ class ReferenceExplainer(Explainer):
         """[len(biases), L, V] float32 logits of the same sequence under each bias (one forward)."""
         length = len(token_ids)
         input_ids = torch.tensor([list(token_ids)] * len(biases), dtype=torch.long)
-        with key_bias_scope(RowKeyBias.from_key_biases(biases, length)):
+        outside = [b.positions[-1] for b in biases if b is not None and b.positions and b.positions[-1] >= length]
+        if outside:
+            raise ValueError(f"bias position {outside[0]} is outside a sequence of {length} tokens")
+        with key_bias_scope(KeyBiasCSR.from_key_biases(biases)):
             return self.model(input_ids=input_ids, use_cache=False).logits
 
     def run_jobs(self, jobs: Sequence[ForkJob]) -> list[ForkResult]:

@@ -13,9 +13,9 @@ import torch
 from vllm.v1.attention.backend import AttentionType
 from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend, CPUAttentionBackendImpl
 
-from atman_vllm.kernels.key_bias import attend_with_key_bias
+from atman_vllm.kernels.key_bias import KeyBiasCSR, attend_with_key_bias
 
-from .biased_attention import BATCH_BIAS_ATTR, KeyBiasTensors, refuse_unsupported_features
+from .biased_attention import BATCH_BIAS_ATTR, refuse_unsupported_features
 
 
 def _plain(raw, bs, hs):
@@ -117,7 +117,7 @@ class AtmanCPUAttentionBackendImpl(CPUAttentionBackendImpl):
         return output
 
     def _overwrite_perturbed_rows(self, layer, query, key, value, kv_cache, md, output,
-                                  batch_bias: dict[int, KeyBiasTensors]) -> None:
+                                  batch_bias: dict[int, KeyBiasCSR]) -> None:
         num_blocks, num_kv_heads, block_size, _ = kv_cache.shape
         key_cache, value_cache = kv_cache.view(num_blocks, num_kv_heads, 2 * block_size, -1).chunk(2, dim=2)
         decode_keys, decode_values = PagedKVLayout.decoders(
@@ -133,7 +133,7 @@ class AtmanCPUAttentionBackendImpl(CPUAttentionBackendImpl):
             block_ids = md.block_table[row, : -(-seq_len // block_size)].long()
             keys, values = gather_sequence_kv(key_cache, value_cache, block_ids, seq_len, decode_keys, decode_values)
             out[q_start:q_end] = attend_with_key_bias(q_all[q_start:q_end], keys, values, self.scale,
-                                                      bias.dense(seq_len), bias.mode)
+                                                      bias.dense(seq_len)[0], bias.mode)
 
 
 class AtmanCPUAttentionBackend(CPUAttentionBackend):

@@ -19,9 +19,10 @@ import torch
 from vllm.v1.attention.backend import AttentionType
 from vllm.v1.attention.backends.triton_attn import TritonAttentionBackend, TritonAttentionImpl
 
-from atman_vllm.kernels import paged_attention_with_key_bias
+from atman_vllm.core.options import Mode
+from atman_vllm.kernels import KeyBiasCSR, paged_attention_with_key_bias
 
-from .biased_attention import BATCH_BIAS_ATTR, KeyBiasTensors, refuse_unsupported_features
+from .biased_attention import BATCH_BIAS_ATTR, refuse_unsupported_features
 
 _SUB_BATCH_ATTR = "atman_sub_batches"  # per-mode sub-batches cached on the step's metadata
 
@@ -35,16 +36,17 @@ class PerturbedSubBatch:
     seq_lens: torch.Tensor
     block_table: torch.Tensor
     max_query_len: int
-    mode: str
-    bias_start_loc: torch.Tensor  # CSR over the sub-batch's sequences
-    bias_positions: torch.Tensor
-    bias_values: torch.Tensor
+    bias: KeyBiasCSR  # the sub-batch's sequences' biases, in its order
     log_factors: torch.Tensor  # the same, dense [num_seqs, max_seq_len], for the Triton path
 
+    @property
+    def mode(self) -> Mode:
+        return self.bias.mode
+
     @classmethod
-    def build(cls, batch_bias: dict[int, KeyBiasTensors], mode: str, query_start_loc: torch.Tensor,
+    def build(cls, batch_bias: dict[int, KeyBiasCSR], mode: Mode, query_start_loc: torch.Tensor,
               seq_lens: torch.Tensor, block_table: torch.Tensor) -> "PerturbedSubBatch | None":
-        seqs = sorted(r for r, b in batch_bias.items() if b.mode == mode)
+        seqs = sorted(r for r, b in batch_bias.items() if b.mode is Mode(mode))
         if not seqs:
             return None
         device = query_start_loc.device
@@ -52,30 +54,23 @@ class PerturbedSubBatch:
         q_lens = [qsl[r + 1] - qsl[r] for r in seqs]
         index = torch.tensor(seqs, device=device)
         sub_seq_lens = seq_lens[index]
-        biases = [batch_bias[r] for r in seqs]
-        width = int(sub_seq_lens.max())
-
-        def cumsum(xs):
-            return torch.tensor([0] + torch.tensor(xs).cumsum(0).tolist(), dtype=torch.int32, device=device)
-
+        bias = KeyBiasCSR.concat([batch_bias[r] for r in seqs]).to(device)
         return cls(
             rows=torch.cat([torch.arange(qsl[r], qsl[r + 1]) for r in seqs]).to(device),
-            query_start_loc=cumsum(q_lens),
+            query_start_loc=torch.tensor([0] + torch.tensor(q_lens).cumsum(0).tolist(), dtype=torch.int32,
+                                         device=device),
             seq_lens=sub_seq_lens,
             block_table=block_table[index],
             max_query_len=max(q_lens),
-            mode=mode,
-            bias_start_loc=cumsum([len(b.positions) for b in biases]),
-            bias_positions=torch.cat([b.positions for b in biases]).to(device, torch.int32),
-            bias_values=torch.cat([b.log_factors for b in biases]).to(device),
-            log_factors=torch.stack([b.dense(width) for b in biases]).to(device),
+            bias=bias,
+            log_factors=bias.dense(int(sub_seq_lens.max())),
         )
 
     def attend(self, query, key_cache, value_cache, scale: float) -> torch.Tensor:
         """The sub-batch's attention rows, ``[len(rows), heads, head_size]``."""
         return paged_attention_with_key_bias(
             query[self.rows], key_cache, value_cache, self.block_table, self.seq_lens, self.query_start_loc,
-            self.max_query_len, scale, self.bias_start_loc, self.bias_positions, self.bias_values, self.mode,
+            self.max_query_len, scale, self.bias.start_loc, self.bias.positions, self.bias.values, self.mode,
             log_factors=self.log_factors if query.is_cuda else None)
 
 
@@ -109,7 +104,7 @@ def _sub_batches(md, batch_bias) -> list[PerturbedSubBatch]:
     cached = getattr(md, _SUB_BATCH_ATTR, None)
     if cached is None or cached[0] is not batch_bias:
         subs = [PerturbedSubBatch.build(batch_bias, mode, md.query_start_loc, md.seq_lens, md.block_table)
-                for mode in ("log-additive", "multiplicative")]
+                for mode in Mode]
         cached = (batch_bias, [s for s in subs if s is not None])
         setattr(md, _SUB_BATCH_ATTR, cached)
     return cached[1]

@@ -1,17 +1,8 @@
-"""Per-request key biases as tensors, for the worker-side attention backends."""
+"""What both worker-side attention backends share: where a step's key biases ride, and what they refuse."""
 
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass
-
-import torch
-
-from atman_vllm.core.options import Mode
-from atman_vllm.core.jobs import KeyBias
-from atman_vllm.kernels.key_bias import dense_row
-
-# Attribute on a step's attention metadata: dict[batch row -> KeyBiasTensors].
+# Attribute on a step's attention metadata: dict[batch row -> KeyBiasCSR of that one sequence].
 BATCH_BIAS_ATTR = "atman_bias"
 # What both backends' impls call on their stock base class, as they call it.
 IMPL_FORWARD_PARAMS = ("layer", "query", "key", "value", "kv_cache", "attn_metadata", "output", "output_scale",
@@ -50,23 +41,3 @@ def refuse_unsupported_features(impl, *, windowed: bool, quantised_kv: bool) -> 
         raise NotImplementedError(
             f"atman-vllm cannot perturb attention with {', '.join(found)}: this model or KV-cache setting is not "
             "supported (run without the atman plugin, e.g. VLLM_PLUGINS='', to serve it stock)")
-
-
-@dataclass(frozen=True)
-class KeyBiasTensors:
-    """A KeyBias as tensors, built once per request and reused every step and layer."""
-
-    positions: torch.Tensor  # int64 [nnz]
-    log_factors: torch.Tensor  # float32 [nnz]
-    mode: str  # "log-additive" | "multiplicative"
-
-    @classmethod
-    def from_bias(cls, bias: KeyBias) -> "KeyBiasTensors":
-        return cls(
-            positions=torch.tensor(bias.positions, dtype=torch.long),
-            log_factors=torch.tensor([math.log(f) for f in bias.factors], dtype=torch.float32),
-            mode=Mode(bias.mode).value,
-        )
-
-    def dense(self, length: int) -> torch.Tensor:
-        return dense_row(self.positions, self.log_factors, length)

@@ -3,7 +3,7 @@
 Two hooks on vLLM's GPUModelRunner (which the CPU runner subclasses):
 
 - after ``_build_attention_metadata`` the step's perturbed batch rows and
-  their KeyBias tensors are attached to every attention metadata object;
+  their key biases (``KeyBiasCSR``) are attached to every attention metadata object;
 - after ``_get_prompt_logprobs_dict`` the target tokens' cross-entropies are
   computed from the hidden states at the target positions only (one logits
   row per target token, never a vocabulary-sized vector per prompt position),
@@ -19,7 +19,9 @@ from dataclasses import dataclass
 
 import torch
 
-from .biased_attention import BATCH_BIAS_ATTR, KeyBiasTensors
+from atman_vllm.kernels.key_bias import KeyBiasCSR
+
+from .biased_attention import BATCH_BIAS_ATTR
 from .wire import AtmanRequestInfo, request_info
 
 log = logging.getLogger(__name__)
@@ -33,7 +35,7 @@ _MISSING = object()
 @dataclass(frozen=True)
 class WorkerRequest:
     info: AtmanRequestInfo
-    bias: KeyBiasTensors | None
+    bias: KeyBiasCSR | None  # the request's own bias, a batch of one sequence
 
 
 def worker_request(state) -> WorkerRequest | None:
@@ -42,13 +44,13 @@ def worker_request(state) -> WorkerRequest | None:
     if cached is _MISSING:
         info = request_info(state)
         cached = None if info is None else WorkerRequest(
-            info, KeyBiasTensors.from_bias(info.bias) if info.bias is not None else None)
+            info, KeyBiasCSR.from_key_biases([info.bias]) if info.bias is not None else None)
         state.__dict__[_WORKER_ATTR] = cached
     return cached
 
 
-def batch_key_biases(runner) -> dict[int, KeyBiasTensors]:
-    batch: dict[int, KeyBiasTensors] = {}
+def batch_key_biases(runner) -> dict[int, KeyBiasCSR]:
+    batch: dict[int, KeyBiasCSR] = {}
     for row, req_id in enumerate(runner.input_batch.req_ids[: runner.input_batch.num_reqs]):
         parsed = worker_request(runner.requests[req_id])
         if parsed is not None and parsed.bias is not None:

@@ -38,7 +38,7 @@ STEPS = [
 
 def make_step(torch, forks: int, q_len: int, seq_len: int):
     from atman_vllm.core.jobs import KeyBias
-    from atman_vllm.vllm.biased_attention import KeyBiasTensors
+    from atman_vllm.kernels import KeyBiasCSR
 
     gen = torch.Generator().manual_seed(0)
     blocks_per_seq = -(-seq_len // BLOCK)
@@ -55,7 +55,7 @@ def make_step(torch, forks: int, q_len: int, seq_len: int):
     )
     # One suppressed token per fork, inside the new tokens (token granularity, factor 0.1).
     first_new = seq_len - q_len
-    bias = {r: KeyBiasTensors.from_bias(KeyBias((first_new + (r * 7) % q_len,), (0.1,), "log-additive"))
+    bias = {r: KeyBiasCSR.from_key_biases([KeyBias((first_new + (r * 7) % q_len,), (0.1,), "log-additive")])
             for r in range(forks)}
     return query, kv_cache, md, bias
 

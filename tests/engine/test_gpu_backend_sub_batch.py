@@ -9,7 +9,7 @@ import torch
 from atman_vllm.core import KeyBias, Mode
 from atman_vllm.kernels.key_bias import attend_with_key_bias
 from atman_vllm.vllm.backend_gpu import PerturbedSubBatch
-from atman_vllm.vllm.biased_attention import KeyBiasTensors
+from atman_vllm.kernels import KeyBiasCSR
 from tolerances import assert_close
 
 
@@ -24,11 +24,11 @@ def test_sub_batches_reproduce_per_sequence_attention():
     block_table = torch.tensor([[3, 7, 1, 0], [9, 2, 0, 0], [5, 11, 0, 0]], dtype=torch.int32)
     qsl = torch.tensor([0, 8, 31, 32], dtype=torch.int32)
     query = torch.randn(32, heads, d)
-    biases = {0: KeyBiasTensors.from_bias(KeyBias((2, 30), (0.1, 3.0), Mode.LOG_ADDITIVE)),
-              2: KeyBiasTensors.from_bias(KeyBias((4,), (0.2,), Mode.MULTIPLICATIVE))}
+    biases = {0: KeyBiasCSR.from_key_biases([KeyBias((2, 30), (0.1, 3.0), Mode.LOG_ADDITIVE)]),
+              2: KeyBiasCSR.from_key_biases([KeyBias((4,), (0.2,), Mode.MULTIPLICATIVE)])}
 
     out = torch.zeros_like(query)
-    for mode in ("log-additive", "multiplicative"):
+    for mode in Mode:
         sub = PerturbedSubBatch.build(biases, mode, qsl, torch.tensor(seq_lens, dtype=torch.int32), block_table)
         out[sub.rows] = sub.attend(query, key_cache, value_cache, scale=d ** -0.5)
 
@@ -37,7 +37,7 @@ def test_sub_batches_reproduce_per_sequence_attention():
         k = key_cache[blocks].reshape(-1, kv_heads, d)[: seq_lens[seq]]
         v = value_cache[blocks].reshape(-1, kv_heads, d)[: seq_lens[seq]]
         rows = slice(int(qsl[seq]), int(qsl[seq + 1]))
-        expected = attend_with_key_bias(query[rows], k, v, d ** -0.5, biases[seq].dense(seq_lens[seq]), biases[seq].mode)
+        expected = attend_with_key_bias(query[rows], k, v, d ** -0.5, biases[seq].dense(seq_lens[seq])[0], biases[seq].mode)
         # The paged torch path vs. attend_with_key_bias on gathered keys: other code and shapes,
         # equal up to float32 rounding.
         assert_close(out[rows], expected, torch.float32, what=f"sequence {seq}")

@@ -103,7 +103,7 @@ def test_key_bias_csr_from_key_biases():
     assert torch.equal(csr.values, torch.tensor([math.log(0.1), math.log(0.5), math.log(2.0)]))
     assert csr.mode == "log-additive"
     with pytest.raises(ValueError, match="one mode"):
-        KeyBiasCSR.from_key_biases([KeyBias((1,), (0.1,), Mode.MULTIPLICATIVE), KeyBias((1,), (0.1,))])
+        KeyBiasCSR.from_key_biases([KeyBias((1,), (0.1,), Mode.MULTIPLICATIVE), KeyBias((1,), (0.1,))]).mode
 
 
 def test_rejects_inconsistent_inputs(gen):

@@ -11,7 +11,8 @@ from transformers import AutoModelForCausalLM
 
 from atman_vllm.core import ForkJob, KeyBias, Mode
 from atman_vllm.models import FAMILIES
-from atman_vllm.reference import RowKeyBias, key_bias_scope
+from atman_vllm.kernels import KeyBiasCSR
+from atman_vllm.reference import key_bias_scope
 from tolerances import assert_close, tolerance
 
 PROMPT = "Alice found a bright lamp in Paris yesterday. Q: Where was the lamp? A:"
@@ -62,11 +63,11 @@ def test_tiny_log_additive_factor_equals_masking_the_key(reference_explainers, t
             masked = stock(torch.tensor([ids]), attention_mask=mask).logits[0]
             plain = stock(torch.tensor([ids])).logits[0]
         # f = 1e-9 leaves the key a weight of ~1e-9: equal to masking up to float32 rounding. Set as a
-        # RowKeyBias, since KeyBias refuses factors below MIN_FACTOR (1e-6), where the key keeps a
+        # KeyBiasCSR directly, since KeyBias refuses factors below MIN_FACTOR (1e-6), where the key keeps a
         # real weight (~10 eps x the logits here: a modelling difference, not rounding).
-        log_factor = torch.zeros(1, length)
-        log_factor[0, key] = math.log(1e-9)
-        with torch.no_grad(), key_bias_scope(RowKeyBias(log_factor, torch.zeros(1, dtype=torch.bool))):
+        bias = KeyBiasCSR(torch.tensor([0, 1], dtype=torch.int32), torch.tensor([key], dtype=torch.int32),
+                          torch.tensor([math.log(1e-9)]), torch.zeros(1, dtype=torch.bool))
+        with torch.no_grad(), key_bias_scope(bias):
             biased = explainer.model(input_ids=torch.tensor([ids]), use_cache=False).logits[0]
         assert (plain - masked).abs().max() > 0.1  # masking that key matters at all
         assert_close(biased, masked, torch.float32, what=f"{family} key {key}")
