@@ -267,8 +267,14 @@ def _configure_logging() -> None:
 
 
 def run(config: ServeConfig) -> int:
+    from atman_vllm.vllm.engine_config import UnsupportedEngineSetting
+    from atman_vllm.vllm.seams import SeamMismatch
+
     _configure_logging()
     try:
         return asyncio.run(serve(config))
     except SelfTestFailed as refused:
         return int(refused.code)
+    except (UnsupportedEngineSetting, SeamMismatch) as refused:  # before any engine started
+        log.error("refusing to start: %s", refused)
+        return 2
