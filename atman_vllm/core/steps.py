@@ -1,0 +1,74 @@
+"""One explanation as a sequence of steps, written once for every driver.
+
+``explanation_steps`` is a generator: it yields what it needs done and
+receives each step's answer. Its return value is the ``ExplainResult``:
+
+- ``GenerateTarget``: the request has no target; answer with the token ids
+  the model generates greedily after the prompt (those ids are scored, never
+  a re-tokenized copy of their text);
+- ``PlanRequest``: answer with the request's ``ExplainPlan`` (the async API
+  plans on threads of its own, the sync API in place);
+- ``RunForks``: the plan's forward passes; answer with their ``ForkResult``s
+  in job order (the backend's ``run_jobs``: on vLLM the unperturbed pass
+  first, so the forks find its KV blocks in the prefix cache).
+
+The sync backends (``Explainer``: the reference, ``AtmanLLM``) and the async
+one (``AsyncAtmanLLM``) only answer steps (``run_steps`` here, its async twin
+in ``atman_vllm.api``), so the generate-then-explain path, planning and
+scoring are written once.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Generator
+from dataclasses import dataclass, replace
+from typing import Any, TypeVar, Union
+
+from .jobs import ForkJob
+from .requests import ExplainRequest
+from .results import ExplainResult
+
+
+@dataclass(frozen=True)
+class GenerateTarget:
+    request: ExplainRequest
+    max_tokens: int
+
+
+@dataclass(frozen=True)
+class PlanRequest:
+    request: ExplainRequest
+
+
+@dataclass(frozen=True)
+class RunForks:
+    jobs: tuple[ForkJob, ...]
+
+
+Step = Union[GenerateTarget, PlanRequest, RunForks]
+T = TypeVar("T")
+Steps = Generator[Step, Any, T]
+
+
+def explanation_steps(request: ExplainRequest, max_tokens: int = 32) -> Steps[ExplainResult]:
+    """Explain ``request``; with no target (and no target ids), the greedy completion of its prompt."""
+    started = time.perf_counter()
+    if not request.target and request.target_token_ids is None:
+        generated = yield GenerateTarget(request, max_tokens)
+        request = replace(request, target="", target_token_ids=tuple(generated))
+    plan = yield PlanRequest(request)
+    results = yield RunForks(tuple(plan.jobs))
+    if len(results) != len(plan.jobs):
+        raise ValueError(f"{len(plan.jobs)} jobs got {len(results)} results")
+    return plan.finish(results, time.perf_counter() - started)
+
+
+def run_steps(steps: Steps[T], answer: Callable[[Step], Any]) -> T:
+    """Drive ``steps`` synchronously, answering each with ``answer``."""
+    try:
+        step = next(steps)
+        while True:
+            step = steps.send(answer(step))
+    except StopIteration as done:
+        return done.value
