@@ -36,8 +36,8 @@ def add_explain_route(app: FastAPI, service: AtmanService) -> None:
 
     def parser(body: bytes):
         def parse():
-            model, prompt, target, options = parse_explain_body(body)
-            return service.explain_request(prompt, target, options, model)
+            b = parse_explain_body(body)
+            return service.explain_request(b.prompt, b.target, b.options, b.model, b.messages)
 
         return parse
 

@@ -77,8 +77,8 @@ def check_messages(messages) -> tuple[ChatMessage, ...]:
     return tuple(out)
 
 
-def locate_contents(messages: Sequence[ChatMessage], render: Callable[[list[dict]], str]) -> ChatPrompt:
-    """Where each message's content begins in ``render(messages)``.
+def locate_contents(messages: Sequence[ChatMessage], render: Callable[[list[dict]], str]) -> tuple[str, ChatPrompt]:
+    """``render(messages)`` and where each message's content begins in it.
 
     Searching the rendered text for a content could find a copy elsewhere (a
     system prompt quoting it), so the chat is rendered once more with a unique
@@ -90,7 +90,7 @@ def locate_contents(messages: Sequence[ChatMessage], render: Callable[[list[dict
     markers = [f"ATMANMSG{i}X{uuid.uuid4().hex}" for i in range(len(messages))]
     marked = render([{"role": m.role, "content": markers[i]} for i, m in enumerate(messages)])
     starts = split_at_markers(marked, markers, [m.content for m in messages], rendered)
-    return ChatPrompt(tuple(messages), tuple(starts[i] for i in range(len(messages))))
+    return rendered, ChatPrompt(tuple(messages), tuple(starts[i] for i in range(len(messages))))
 
 
 def split_at_markers(marked: str, markers: Sequence[str], contents: Sequence[str], rendered: str,
