@@ -156,3 +156,19 @@ def parse_explain_body(body: bytes) -> ParsedExplainBody:
         raise invalid("prompt", "is required (or give messages)")
     messages = None if parsed.messages is None else [m.model_dump() for m in parsed.messages]
     return ParsedExplainBody(parsed.model, parsed.prompt, parsed.target, parsed.options.to_options(), messages)
+
+
+def parse_explain_field(value) -> ExplainOptions | None:
+    """The ``explain`` extra field of a chat completions body: true (default options), an options object,
+    or false/null (no explanation). Errors name ``explain`` (an option: ``explain.<option>``)."""
+    if value is None or value is False:
+        return None
+    if value is True:
+        return ExplainOptions()
+    if not isinstance(value, dict):
+        raise invalid("explain", f"must be true or an options object, got {type(value).__name__}")
+    try:
+        return ExplainOptionsBody.model_validate(value).to_options()
+    except ValidationError as exc:
+        error = _error_from(exc)
+        raise invalid(f"explain.{error.field}", error.message.split(": ", 1)[-1]) from None

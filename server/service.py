@@ -148,15 +148,16 @@ class AtmanService:
                                "model")
 
     def explain_request(self, prompt, target, options: ExplainOptions, model: str | None = None,
-                        messages=None) -> ExplainRequest:
+                        messages=None, *, generated: bool = False) -> ExplainRequest:
         """A validated request (raises ServiceError / InvalidRequestError naming the field).
 
         ``messages`` (None: a plain prompt) is a chat, rendered with the model's template.
+        ``generated``: the target is generated later (an empty one is then expected).
         """
         self.check_model(model)
         if messages is not None and prompt:
             raise invalid("messages", "give either prompt or messages, not both")
-        check_text("target", target)
+        check_text("target", target, allow_empty=generated)
         if isinstance(options.delimiter, str):
             check_text("delimiter", options.delimiter, allow_empty=True)
             self.plan_limits.check_text("delimiter", options.delimiter)
