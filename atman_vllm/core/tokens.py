@@ -11,8 +11,10 @@ characters it covers belong to no unit, and the result's ``target_boundary``
 says so. Spans are never shifted to hide it.
 
 A target given as token ids (generate-then-explain) is scored as those ids,
-after the prompt's own tokens, exactly as the engine ran them; its text and
-offsets come from decoding them (a token that ends inside a UTF-8 sequence
+after the prompt's own tokens, exactly as the engine ran them; its text is
+their decoding. Its offsets are the tokenizer's where tokenizing prompt +
+text gives these very ids (so both ways report the same spans), else they
+come from decoding incrementally (a token that ends inside a UTF-8 sequence
 gets an empty span; the token that completes the character gets it).
 """
 
@@ -185,8 +187,15 @@ def encode_with_target_ids(tokenizer: Tokenizer, prompt: str, target_ids: Sequen
         raise InvalidRequestError("target", "target token ids must be non-negative integers")
     p = encode_prompt(tokenizer, prompt, add_bos=add_bos)
     target, target_offsets = decoded_offsets(tokenizer, target_ids)
+    token_ids = p.token_ids + tuple(int(t) for t in target_ids)
+    try:  # where tokenizing the text gives these very ids, its offsets are the ones to report
+        joint = encode_input(tokenizer, prompt, target, add_bos=add_bos) if target.strip() else None
+    except InvalidRequestError:
+        joint = None
+    if joint is not None and joint.token_ids == token_ids and joint.target_start == len(p.token_ids):
+        target_offsets = joint.target_offsets
     return EncodedInput(
-        token_ids=p.token_ids + tuple(int(t) for t in target_ids),
+        token_ids=token_ids,
         prompt_start=p.prompt_start,
         target_start=len(p.token_ids),
         prompt_offsets=p.prompt_offsets,

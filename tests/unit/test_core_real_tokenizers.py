@@ -104,10 +104,15 @@ def test_target_ids_are_scored_as_given_even_a_cut_off_character(smol):
     assert len(ids) == 2
     whole = encode_with_target_ids(tok, PROMPT, ids)
     assert whole.token_ids[whole.target_start:] == tuple(ids)
-    assert whole.target == " 😀" and whole.target_offsets == ((0, 1), (1, 2))  # the character goes to its last byte
+    # Tokenizing the text gives these ids: the tokenizer's own offsets are reported.
+    assert whole.target == " 😀" and whole.target_offsets == encode_input(tok, PROMPT, " 😀").target_offsets
     cut = encode_with_target_ids(tok, PROMPT, ids[:1])  # generation stopped inside the character
     assert cut.token_ids[cut.target_start:] == tuple(ids[:1])  # still exactly the generated id
     assert cut.target.endswith("\ufffd")
+    # The text is its decoding; spans from decoding it incrementally: a piece of a character has none.
+    from atman_vllm.core import decoded_offsets
+
+    assert decoded_offsets(tok, ids) == (" 😀", ((0, 1), (1, 2)))
     # Re-tokenizing the decoded text would have scored other ids: the reason ids travel as ids.
     assert _joint_ids(smol, cut.target) != ids[:1]
 
