@@ -11,6 +11,9 @@ pass first (its KV blocks enter the prefix cache), then all forks together.
     # A chat: rendered with the model's template; units are the messages' words.
     result = llm.explain(messages=[{"role": "user", "content": "What is the capital of France?"}],
                          target="The capital of France is Paris.")
+
+Asynchronously, one request builder serves both: ``await allm.explain(allm.explain_request(
+messages=[...], target=...))``; an empty target generates the answer first and explains its ids.
 """
 
 from __future__ import annotations

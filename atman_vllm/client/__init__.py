@@ -93,10 +93,11 @@ class AtmanClient:
         except grpc.RpcError as exc:
             raise AtmanError.from_rpc_error(exc) from None
 
-    def explain_stream(self, prompt: str, target: str, *, options: ExplainOptions | dict | None = None,
+    def explain_stream(self, prompt: str | None = None, target: str = "", *, messages=None,
+                       options: ExplainOptions | dict | None = None,
                        timeout: float | None = None, **option_kwargs) -> Iterator[ExplainProgress | ExplainResult]:
         """ExplainProgress events, then the ExplainResult. Closing the iterator cancels the call."""
-        request = explain_request(prompt, target, options, option_kwargs, self._config.model)
+        request = explain_request(prompt, target, options, option_kwargs, self._config.model, messages)
         return self._events(self._stub.ExplainStream(request, **self._config.call_kwargs(timeout)), explain_event)
 
     def generate(self, prompt: str, *, max_tokens: int = 64, temperature: float | None = None,
@@ -170,7 +171,7 @@ class AsyncAtmanClient:
         self._health = health_pb2_grpc.HealthStub(self._channel)
 
     async def explain(self, prompt: str | None = None, target: str = "", *, messages=None,
-                options: ExplainOptions | dict | None = None,
+                      options: ExplainOptions | dict | None = None,
                       timeout: float | None = None, **option_kwargs) -> ExplainResult:
         request = explain_request(prompt, target, options, option_kwargs, self._config.model, messages)
         try:
@@ -178,10 +179,10 @@ class AsyncAtmanClient:
         except grpc.RpcError as exc:
             raise AtmanError.from_rpc_error(exc) from None
 
-    def explain_stream(self, prompt: str, target: str, *, options: ExplainOptions | dict | None = None,
-                       timeout: float | None = None, **option_kwargs
+    def explain_stream(self, prompt: str | None = None, target: str = "", *, messages=None,
+                       options: ExplainOptions | dict | None = None, timeout: float | None = None, **option_kwargs
                        ) -> AsyncIterator[ExplainProgress | ExplainResult]:
-        request = explain_request(prompt, target, options, option_kwargs, self._config.model)
+        request = explain_request(prompt, target, options, option_kwargs, self._config.model, messages)
         return self._events(self._stub.ExplainStream(request, **self._config.call_kwargs(timeout)), explain_event)
 
     def generate(self, prompt: str, *, max_tokens: int = 64, temperature: float | None = None,

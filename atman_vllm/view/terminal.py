@@ -46,8 +46,10 @@ def target_title(index: int, result: ExplainResult, exp: ExplanationForTarget) -
 def _one(index: int, result: ExplainResult, exp: ExplanationForTarget) -> list[RenderableType]:
     scale = explanation_scale(exp)
     parts: list[RenderableType] = [Rule(Text(target_title(index, result, exp), style="bold"))]  # Text: never markup
-    parts += [Text(label, style="bold") + _heatmap(text, scores, scale) if label else _heatmap(text, scores, scale)
-              for label, text, scores in prompt_texts(result, exp.prompt_scores)]
+    for label, text, scores in prompt_texts(result, exp.prompt_scores):
+        line = Text()
+        line.append(label, style="bold")  # a chat message's role; the content keeps its own styles
+        parts.append(line.append_text(_heatmap(text, scores, scale)))
     if exp.target_scores:
         target = _heatmap(result.target, exp.target_scores, scale)
         target.stylize("bold underline", exp.target.start, exp.target.start + exp.target.length)

@@ -205,3 +205,25 @@ def test_chat_spans_granularity_is_refused(smol):
     with pytest.raises(InvalidRequestError) as e:
         plan_explanation(request, HFTokenizer(smol))
     assert e.value.field == "spans"
+
+
+def test_chat_result_views_highlight_each_message_content(smol):
+    import io
+
+    from rich.console import Console
+
+    from atman_vllm.core import ForkResult
+    from atman_vllm.view import notebook_html, render_explanation
+
+    plan = plan_explanation(_chat_request(smol, MESSAGES, "Fries", granularity="word"), HFTokenizer(smol))
+    # Suppressing "burgers" (the 10th unit) raises the answer's cross-entropy; nothing else matters.
+    results = [ForkResult(target_ce=[2.0 if i == 10 else 1.0] * plan.encoded.num_targets, computed_tokens=1)
+               for i in range(len(plan.jobs))]
+    result = plan.finish(results, 0.0)
+    buf = io.StringIO()
+    render_explanation(result, Console(file=buf, width=120, color_system="truecolor", force_terminal=True))
+    text = buf.getvalue()
+    assert "\x1b[30;48;2;214;96;77mburgers" in text  # highlighted inside the user message's line
+    assert "<|im_start|>" not in text and "message 1 17:7" in text
+    page = notebook_html(result)
+    assert "user: " in page and "system: " in page and "&lt;|im_start|&gt;" not in page
