@@ -133,7 +133,6 @@ def test_smollm2_chat_explanation_units_are_message_words(smollm2_engine):
     assert [s.text for s in scores] == CHAT[0]["content"].split()
     assert {s.message for s in scores} == {0}
     assert result.target_boundary.aligned
-    print({s.text: round(s.score, 3) for s in scores})
     top, second = sorted(scores, key=lambda s: s.score, reverse=True)[:2]
     # Measured: 'burgers' +0.77, then 'and' +0.12: the answer's word in the message explains it.
     assert top.text == "burgers" and top.score > 2 * second.score, f"top units {top}, {second}"
