@@ -8,6 +8,12 @@ pass first (its KV blocks enter the prefix cache), then all forks together.
     llm = AtmanLLM(model="path/to/model")
     result = llm.explain("Ben likes to eat burgers and", " fries", granularity="word")
     print(result.to_dict())
+    # A chat: rendered with the model's template; units are the messages' words.
+    result = llm.explain(messages=[{"role": "user", "content": "What is the capital of France?"}],
+                         target="The capital of France is Paris.")
+
+Asynchronously, one request builder serves both: ``await allm.explain(allm.explain_request(
+messages=[...], target=...))``; an empty target generates the answer first and explains its ids.
 """
 
 from __future__ import annotations
@@ -26,7 +32,9 @@ import numpy as np
 from atman_vllm.vllm.engine_client import close_engine_sockets
 
 from atman_vllm.core import (
+    ChatPrompt,
     Control,
+    ExplainOptions,
     ExplainRequest,
     ExplainResult,
     Explainer,
@@ -38,6 +46,9 @@ from atman_vllm.core import (
     Limit,
     Mode,
     PlanLimits,
+    check_messages,
+    encode_prompt,
+    locate_contents,
     plan_controls,
     plan_explanation,
 )
@@ -78,6 +89,70 @@ class _AtmanEngineMixin:
         self.max_model_len = max_model_len
         self.model_name = str(model_dir)
         self._embeddings = EmbeddingTable(model_dir) if os.path.isdir(model_dir) else None
+        self.chat_template: str | None = None  # None: the tokenizer's own
+
+    def set_chat_template(self, chat_template: str | None) -> None:
+        """Render chats with this template (a file or inline Jinja, as vLLM's --chat-template) instead
+        of the tokenizer's, as vLLM's chat route does when the server is given one."""
+        from vllm.renderers.chat_utils import load_chat_template
+
+        self.chat_template = load_chat_template(chat_template)
+
+    # -- requests --------------------------------------------------------------------
+    def render_chat(self, messages) -> tuple[str, ChatPrompt]:
+        """The prompt text vLLM's chat route runs for ``messages`` (the model's chat template, with the
+        generation prompt) and where each message's content sits in it. InvalidRequestError("messages")
+        for messages that are not a valid chat or a template that refuses them."""
+        checked = check_messages(messages)
+        tok = self.tokenizer.tok
+        template = self.chat_template or getattr(tok, "chat_template", None)
+        if not template:
+            raise InvalidRequestError("messages", "this model has no chat template (a server takes one with "
+                                                  "--chat-template); explain a plain prompt instead")
+
+        def render(msgs: list[dict]) -> str:
+            try:
+                text = tok.apply_chat_template(msgs, chat_template=template, add_generation_prompt=True,
+                                               tokenize=False)
+            except Exception as exc:  # the template's own checks (roles must alternate, ...)
+                raise InvalidRequestError("messages", f"the chat template refuses them: {exc}") from None
+            if not isinstance(text, str):
+                raise InvalidRequestError("messages", "the chat template did not render text")
+            return text
+
+        return locate_contents(checked, render)
+
+    def explain_request(self, prompt: str | None = None, target: str = "", options: ExplainOptions | None = None,
+                        *, messages=None) -> ExplainRequest:
+        """The request for a prompt or a chat (``messages``, rendered here); every API builds it here."""
+        options = options or ExplainOptions()
+        if messages is None:
+            return ExplainRequest(prompt, target, options)
+        if prompt:
+            raise InvalidRequestError("messages", "give either a prompt or messages, not both")
+        rendered, chat = self.render_chat(messages)
+        return ExplainRequest(rendered, target, options, chat=chat)
+
+    def prompt_ids(self, request: ExplainRequest) -> tuple[int, ...]:
+        """The token ids the engine runs for the request's prompt (a chat's rendering has no added BOS)."""
+        return encode_prompt(self.tokenizer, request.prompt, add_bos=request.chat is None).token_ids
+
+    def answer_ids(self, token_ids: Sequence[int]) -> tuple[int, ...]:
+        """Generated ids without the trailing stop token(s) (EOS, a chat's end-of-turn): the answer
+        explained is what was generated before it stopped."""
+        special = set(getattr(self.tokenizer.tok, "all_special_ids", ()) or ())
+        ids = list(token_ids)
+        while ids and ids[-1] in special:
+            ids.pop()
+        if not ids:
+            raise InvalidRequestError("target", "the model generated an empty completion to explain")
+        return tuple(ids)
+
+    @staticmethod
+    def _greedy_params(max_tokens: int):
+        from vllm import SamplingParams
+
+        return SamplingParams(max_tokens=max_tokens, temperature=0.0)
 
     def embedding_rows(self, token_ids: Sequence[int]) -> np.ndarray | None:
         return self._embeddings.rows(token_ids) if self._embeddings is not None else None
@@ -156,6 +231,14 @@ class AtmanLLM(_AtmanEngineMixin, Explainer):
     def complete(self, prompt: str, max_tokens: int) -> str:
         return self.generate([prompt], max_tokens=max_tokens)[0].text
 
+    def _generated_target(self, request: ExplainRequest, max_tokens: int) -> ExplainRequest:
+        """``request`` with the greedy completion of its prompt as target, scored as the generated ids."""
+        from vllm.inputs import TokensPrompt
+
+        out = self.llm.generate([TokensPrompt(prompt_token_ids=list(self.prompt_ids(request)))],
+                                [self._greedy_params(max_tokens)], use_tqdm=False)[0]
+        return replace(request, target="", target_token_ids=self.answer_ids(out.outputs[0].token_ids))
+
     def self_test(self) -> list[str]:
         """What is not in effect of the plugin's seams (empty: all are); see vllm/self_test.py."""
         from .vllm.self_test import decode_failures, fork_failures
@@ -170,14 +253,18 @@ class AtmanLLM(_AtmanEngineMixin, Explainer):
             return [f"the self-test's requests failed: {exc}"]
         return failures + decode_failures(logprob, biased, plain)
 
-    def explain(self, prompt: str, target: str | None = None, options=None, *, max_tokens: int = 32,
-                **option_kwargs) -> ExplainResult:
-        """Explain ``target`` given ``prompt``; with no target, explain the greedy completion."""
+    def explain(self, prompt: str | None = None, target: str | None = None, options=None, *, messages=None,
+                max_tokens: int = 32, **option_kwargs) -> ExplainResult:
+        """Explain ``target`` given ``prompt``, or given the chat ``messages`` (a list of {role, content},
+        the last from the user; ``target`` is the assistant's answer). With no target, explain the
+        greedy completion: its generated token ids themselves are scored."""
+        from atman_vllm.core import make_options
+
+        request = self.explain_request(prompt, target or "", make_options(options, **option_kwargs),
+                                       messages=messages)
         if target is None:
-            target = self.complete(prompt, max_tokens)
-            if not target:
-                raise InvalidRequestError("target", "the model generated an empty completion to explain")
-        return super().explain(prompt, target, options, **option_kwargs)
+            request = self._generated_target(request, max_tokens)
+        return self.explain_planned(request)
 
     # -- generation ----------------------------------------------------------------
     def generate(self, prompts: str | Sequence[str], *, max_tokens: int = 64, temperature: float = 0.0,
@@ -261,11 +348,19 @@ class AsyncAtmanLLM(_AtmanEngineMixin):
             stop.set()  # a no-op once the plan is done
             self._plan_stops.discard(stop)
 
-    def prompt_tokens(self, prompt: str) -> int:
-        """Tokens of a prompt as the engine sees it (with BOS), validating it."""
-        from atman_vllm.core import encode_prompt
+    def prompt_tokens(self, request: ExplainRequest) -> int:
+        """Tokens of a request's prompt as the engine sees it (with BOS for a plain prompt), validating it."""
+        return len(self.prompt_ids(request))
 
-        return len(encode_prompt(self.tokenizer, prompt).token_ids)
+    async def _generated_target(self, request: ExplainRequest, max_tokens: int, request_id: str) -> ExplainRequest:
+        """``request`` with the greedy completion of its prompt as target, scored as the generated ids."""
+        from vllm.inputs import TokensPrompt
+
+        final = None
+        async for out in self.engine.generate(TokensPrompt(prompt_token_ids=list(self.prompt_ids(request))),
+                                              self._greedy_params(max_tokens), request_id=request_id):
+            final = out
+        return replace(request, target="", target_token_ids=self.answer_ids(final.outputs[0].token_ids))
 
     async def _run_fork(self, index: int, job: ForkJob, request_id: str) -> tuple[int, ForkResult]:
         from .vllm.forks import fork_cost, fork_request, fork_result
@@ -287,13 +382,8 @@ class AsyncAtmanLLM(_AtmanEngineMixin):
         """
         request_id = request_id or uuid.uuid4().hex
         started = time.perf_counter()
-        if not request.target:
-            completion = ""
-            async for delta in self.generate(request.prompt, max_tokens=max_tokens, request_id=f"{request_id}-gen"):
-                completion = delta.completion_text
-            if not completion:
-                raise InvalidRequestError("target", "the model generated an empty completion to explain")
-            request = ExplainRequest(request.prompt, completion, request.options)
+        if not request.target and request.target_token_ids is None:
+            request = await self._generated_target(request, max_tokens, f"{request_id}-gen")
             plan = None
         if plan is None:
             plan = await self.plan_async(request)

@@ -6,8 +6,12 @@ eat burgers and" -> " fries"; ``--toy`` runs it on the embedded 3-layer demo mod
 Starts ``atman-vllm serve`` as a subprocess on a free loopback port, waits
 until its health check says SERVING, sends one Explain through
 ``AtmanClient``, prints the highlighted prompt, the JSON result and the
-address of the web view (/ui) on that prompt, then (at a terminal, once
-Enter is pressed) sends SIGTERM and checks that the server exited with status 0.
+address of the web view (/ui) on that prompt; then one chat answer: the
+model answers a question about a short story (vLLM's /v1/chat/completions),
+and an Explain over gRPC with the messages shows which words of the
+conversation the answer rests on (template text is never a unit). Then (at a
+terminal, once Enter is pressed) it sends SIGTERM and checks that the server
+exited with status 0.
 """
 
 from __future__ import annotations
@@ -37,6 +41,10 @@ DEMO_TARGET = " pilot"
 MAIN_MODEL = "smollm2-135m-instruct"
 PAPER_PROMPT = "Ben likes to eat burgers and"
 PAPER_TARGET = " fries"
+# The chat answer of the main job (SmolLM2's own chat template; --toy's model has none).
+CHAT_MESSAGES = [{"role": "user", "content": "Ben likes to eat burgers and fries. Mira works as a pilot. "
+                                             "What does Ben like to eat?"}]
+CHAT_MAX_TOKENS = 16
 START_TIMEOUT_S = 600  # engine start on a 2-core CPU machine takes up to a minute; be generous
 STOP_TIMEOUT_S = 120
 
@@ -96,6 +104,23 @@ def show_web_view(http: str, prompt: str, target: str, granularity: str, console
         sys.stdin.readline()
 
 
+def chat_answer(http: str, model: str, messages: list[dict]) -> str:
+    """The model's greedy answer to ``messages`` from vLLM's own chat route on the demo server."""
+    body = json.dumps({"model": model, "messages": messages, "max_tokens": CHAT_MAX_TOKENS,
+                       "temperature": 0}).encode()
+    request = urllib.request.Request(f"http://{http}/v1/chat/completions", data=body,
+                                     headers={"content-type": "application/json"})
+    with urllib.request.urlopen(request, timeout=120) as reply:
+        return json.loads(reply.read())["choices"][0]["message"]["content"]
+
+
+def explain_chat(client: AtmanClient, http: str, model: str, console: Console) -> None:
+    answer = chat_answer(http, model, CHAT_MESSAGES)
+    console.print(f"[bold]chat[/bold]: {CHAT_MESSAGES[-1]['content']!r} -> {answer!r}", highlight=False)
+    result = client.explain(messages=CHAT_MESSAGES, target=answer, granularity="word")
+    render_explanation(result, console)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default=None,
@@ -130,8 +155,10 @@ def main(argv: list[str] | None = None) -> int:
             console.print(f"[dim]server {ready['grpc']} is SERVING model {ready['model']} "
                           f"({time.monotonic() - started:.0f} s after start)[/dim]")
             result = client.explain(args.prompt, args.target, granularity=args.granularity)
-        render_explanation(result, console)
-        print(json.dumps(result.to_dict(), indent=2))
+            render_explanation(result, console)
+            print(json.dumps(result.to_dict(), indent=2))
+            if model == MAIN_MODEL:  # a chat on its own template (the toy model has none)
+                explain_chat(client, ready["http"], ready["model"], console)
         show_web_view(ready["http"], args.prompt, args.target, args.granularity, console)
     except Exception as exc:
         console.print(f"[red]demo failed: {exc}[/red]; last lines of {log_file.name}:")

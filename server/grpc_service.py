@@ -16,7 +16,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from atman_vllm.client.convert import options_from_proto, result_to_proto
+from atman_vllm.client.convert import messages_from_proto, options_from_proto, result_to_proto
 from atman_vllm.core.controls import Control
 from atman_vllm.core.results import ExplainResult
 from atman_vllm.proto_gen import atman_pb2 as pb
@@ -68,7 +68,9 @@ class AtmanServicer:
     def _explain_parser(self, raw: bytes):
         def parse():
             msg = parse_request(pb.ExplainRequest, raw)
-            return self.service.explain_request(msg.prompt, msg.target, options_from_proto(msg.options), msg.model)
+            messages = messages_from_proto(msg.messages) or None  # an empty repeated field is no field
+            return self.service.explain_request(msg.prompt, msg.target, options_from_proto(msg.options), msg.model,
+                                                messages)
 
         return parse
 

@@ -18,6 +18,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.middleware import Middleware
 
+from .http_chat_explain import ChatExplain
 from .http_bodies import ExplainBody, explain_request_schema, parse_explain_body
 from .http_controls import CHAT_COMPLETIONS_PATH, COMPLETIONS_PATH, ControlPlanner
 from .http_guard import RequestGuard, error_response
@@ -36,8 +37,8 @@ def add_explain_route(app: FastAPI, service: AtmanService) -> None:
 
     def parser(body: bytes):
         def parse():
-            model, prompt, target, options = parse_explain_body(body)
-            return service.explain_request(prompt, target, options, model)
+            b = parse_explain_body(body)
+            return service.explain_request(b.prompt, b.target, b.options, b.model, b.messages)
 
         return parse
 
@@ -126,10 +127,11 @@ async def build_openai_app(llm, service: AtmanService, *, auth_token: str | None
     add_explain_route(app, service)
     add_ui_routes(app)  # GET /ui: the explanation page, calling the routes above
     planner = ControlPlanner(llm, app.state.online_renderer, service.plan_limits)
+    chat = ChatExplain(llm, service, planner)  # the explain field, then the controls
     # Appended, not add_middleware: innermost, after vLLM's authentication. vLLM's
     # SageMaker bootstrap has already built the middleware stack: build it again.
     app.user_middleware.append(Middleware(
         RequestGuard, max_body_bytes=service.limits.max_message_bytes,
-        rewriters={COMPLETIONS_PATH: planner.rewrite, CHAT_COMPLETIONS_PATH: planner.rewrite}))
+        rewriters={COMPLETIONS_PATH: planner.rewrite, CHAT_COMPLETIONS_PATH: chat.rewrite}))
     app.middleware_stack = app.build_middleware_stack()
     return app

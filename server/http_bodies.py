@@ -12,6 +12,7 @@ rules. Errors name the field as the core does: an option by its own name
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated
 
@@ -59,13 +60,27 @@ class ExplainOptionsBody(BaseModel):
                               postprocessing=self.postprocessing, normalize=self.normalize)
 
 
+class ChatMessageBody(BaseModel):
+    """One chat message; its role is checked by the core (system, user or assistant)."""
+
+    model_config = ConfigDict(**_STRICT, title="ChatMessage")
+
+    role: StrictStr
+    content: StrictStr
+
+
 class ExplainBody(BaseModel):
-    """``POST /v1/explain``: explain ``target`` as the continuation of ``prompt``."""
+    """``POST /v1/explain``: explain ``target`` as the continuation of ``prompt`` (or as the assistant's
+    answer to ``messages``)."""
 
     model_config = ConfigDict(**_STRICT, title="ExplainRequest")
 
     model: StrictStr | None = Field(None, description="the served model's name; omitted: the one served")
-    prompt: StrictStr
+    prompt: StrictStr | None = Field(None, description="the prompt; or give messages instead")
+    messages: list[ChatMessageBody] | None = Field(
+        None, description="a chat instead of prompt, rendered with the model's chat template (with the generation "
+                          "prompt); the last message must be from the user. Units come from the messages' contents "
+                          "only; each prompt score names its message, its span is into that message's content")
     target: StrictStr
     options: ExplainOptionsBody = Field(default_factory=ExplainOptionsBody)
 
@@ -119,13 +134,41 @@ def _error_from(exc: ValidationError) -> ServiceError:
     return invalid(field, message)
 
 
-def parse_explain_body(body: bytes) -> tuple[str | None, str, str, ExplainOptions]:
-    """(model, prompt, target, options) of a /v1/explain body; errors name the field."""
+@dataclass(frozen=True)
+class ParsedExplainBody:
+    model: str | None
+    prompt: str | None
+    target: str
+    options: ExplainOptions
+    messages: list[dict] | None  # None: a plain prompt
+
+
+def parse_explain_body(body: bytes) -> ParsedExplainBody:
+    """The fields of a /v1/explain body; errors name the field."""
     data = load_json_body(body)
     if not isinstance(data, dict):
-        raise invalid("body", "must be a JSON object with prompt, target and options")
+        raise invalid("body", "must be a JSON object with prompt (or messages), target and options")
     try:
         parsed = ExplainBody.model_validate(data)
     except ValidationError as exc:
         raise _error_from(exc) from None
-    return parsed.model, parsed.prompt, parsed.target, parsed.options.to_options()
+    if parsed.prompt is None and parsed.messages is None:
+        raise invalid("prompt", "is required (or give messages)")
+    messages = None if parsed.messages is None else [m.model_dump() for m in parsed.messages]
+    return ParsedExplainBody(parsed.model, parsed.prompt, parsed.target, parsed.options.to_options(), messages)
+
+
+def parse_explain_field(value) -> ExplainOptions | None:
+    """The ``explain`` extra field of a chat completions body: true (default options), an options object,
+    or false/null (no explanation). Errors name ``explain`` (an option: ``explain.<option>``)."""
+    if value is None or value is False:
+        return None
+    if value is True:
+        return ExplainOptions()
+    if not isinstance(value, dict):
+        raise invalid("explain", f"must be true or an options object, got {type(value).__name__}")
+    try:
+        return ExplainOptionsBody.model_validate(value).to_options()
+    except ValidationError as exc:
+        error = _error_from(exc)
+        raise invalid(f"explain.{error.field}", error.message.split(": ", 1)[-1]) from None

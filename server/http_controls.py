@@ -9,12 +9,12 @@ a body rewriter of ``http_guard.RequestGuard``.
 
 from __future__ import annotations
 
-import re
 import uuid
 from dataclasses import dataclass
 
 from fastapi.responses import JSONResponse
 
+from atman_vllm.core.chat import split_at_markers
 from atman_vllm.core.controls import Control, check_controls, controls_bias, plan_controls
 from atman_vllm.core.options import InvalidRequestError
 from atman_vllm.core.jobs import KeyBias
@@ -22,7 +22,7 @@ from atman_vllm.core.planning import PlanLimits
 from atman_vllm.core.tokens import EncodedPrompt
 from atman_vllm.vllm.wire import EXTRA_ARGS_KEY, AtmanRequestInfo
 
-from .errors import ServiceError, invalid
+from .errors import invalid
 from .http_guard import COMPLETIONS_PATH, ReplyInstead
 from .service import CONTROL_FIELD_NAMES, check_text
 
@@ -174,7 +174,7 @@ class ControlPlanner:
             contents[m] = content
             checked[m] = check_controls([c for _, c in group], len(content), text_name=f"messages[{m}].content",
                                         indices=[i for i, _ in group])
-        rendered = await self._render_chat(data)
+        rendered = await self.render_chat(data)
         if rendered is None:
             return None  # vLLM refuses the body; it says why
         starts = await self._content_starts(data, contents, rendered.text)
@@ -190,7 +190,7 @@ class ControlPlanner:
         return controls_bias(encoded, rendered.text, shifted, request.mode, request.kappa, request.overlap,
                              self.llm.embedding_rows)
 
-    async def _render_chat(self, data: dict) -> RenderedChat | None:
+    async def render_chat(self, data: dict) -> RenderedChat | None:
         """The prompt vLLM's chat handler will run for ``data`` (None: the body is not a valid request)."""
         from pydantic import ValidationError
         from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
@@ -224,36 +224,19 @@ class ControlPlanner:
         content verbatim and once: putting the contents back in place of the
         markers must give exactly the real rendering.
         """
-        markers = {m: f"ATMANCONTROL{m}X{uuid.uuid4().hex}" for m in contents}
+        order = sorted(contents)
+        markers = {m: f"ATMANCONTROL{m}X{uuid.uuid4().hex}" for m in order}
         marked = {**data, "messages": [dict(msg, content=markers[m]) if m in markers else msg
                                        for m, msg in enumerate(data["messages"])]}
-
-        def not_verbatim(m: int) -> ServiceError:
-            return invalid("controls", f"the chat template does not copy messages[{m}].content into the prompt "
-                                       "verbatim and once, so its spans cannot be placed")
-
         try:
-            marked_render = await self._render_chat(marked)
+            marked_render = await self.render_chat(marked)
         except ReplyInstead:
             marked_render = None
         if marked_render is None:
-            raise not_verbatim(min(contents))
-        by_marker = {marker: m for m, marker in markers.items()}
-        starts: dict[int, int] = {}
-        rebuilt: list[str] = []
-        length = 0
-        for piece in re.split("(" + "|".join(markers.values()) + ")", marked_render.text):
-            m = by_marker.get(piece)
-            if m is not None:
-                if m in starts:
-                    raise not_verbatim(m)
-                starts[m] = length
-                piece = contents[m]
-            rebuilt.append(piece)
-            length += len(piece)
-        for m in contents:
-            if m not in starts:
-                raise not_verbatim(m)
-        if "".join(rebuilt) != rendered:
-            raise not_verbatim(min(contents))
-        return starts
+            raise invalid("controls", f"the chat template does not copy messages[{order[0]}].content into the "
+                                      "prompt verbatim and once, so its spans cannot be placed")
+        try:
+            return split_at_markers(marked_render.text, [markers[m] for m in order], [contents[m] for m in order],
+                                    rendered, field="controls", indices=order)
+        except InvalidRequestError as exc:
+            raise invalid(exc.field, exc.message) from None

@@ -11,7 +11,9 @@ anything a later vLLM adds) and ours all sit behind ``RequestGuard``. It
   they come by; this layer gives the client the 400 before a stream starts);
 - refuses the few bodies vLLM itself is known to fail on with a 500;
 - lets a per-path rewriter change the parsed body before the route sees it
-  (the attention controls of completions and chat completions).
+  (the attention controls of completions and chat completions) and, by
+  returning ``Rewritten`` with a ``reply_hook``, change the route's JSON reply
+  (the explanation beside a chat completion).
 
 It is the innermost middleware, so vLLM's bearer-token check runs before any
 of this work. After the body is replayed, the original ``receive`` delivers
@@ -22,6 +24,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 
 from fastapi.responses import JSONResponse
 
@@ -30,8 +33,20 @@ from atman_vllm.vllm.wire import EXTRA_ARGS_KEY
 from .errors import invalid, service_error_from
 
 RESERVED_FIELD = f"vllm_xargs.{EXTRA_ARGS_KEY}"
-# Rewriter: (path, parsed JSON body) -> the body to pass on instead (None: unchanged).
-Rewriter = Callable[[str, object], Awaitable[object | None]]
+# Changes a route's successful (200) JSON reply; what it raises becomes the error reply instead.
+ReplyHook = Callable[[dict], Awaitable[dict]]
+
+
+@dataclass(frozen=True)
+class Rewritten:
+    """What a rewriter returns to change the reply too, not only the body."""
+
+    body: object
+    reply_hook: ReplyHook | None = None
+
+
+# Rewriter: (path, parsed JSON body) -> the body to pass on instead (None: unchanged), or Rewritten.
+Rewriter = Callable[[str, object], Awaitable["object | Rewritten | None"]]
 _BODYLESS_METHODS = ("GET", "HEAD", "OPTIONS", "DELETE")
 
 
@@ -109,7 +124,7 @@ class RequestGuard:
             if not message.get("more_body", False):
                 break
         try:
-            body = await self._checked(scope["path"], bytes(body))
+            body, hook = await self._checked(scope["path"], bytes(body))
         except ReplyInstead as reply:
             await reply.response(scope, receive, send)
             return
@@ -118,17 +133,51 @@ class RequestGuard:
             return
         headers = [(k, v) for k, v in scope["headers"] if k.lower() != b"content-length"]
         scope = {**scope, "headers": [*headers, (b"content-length", str(len(body)).encode())]}
-        await self.app(scope, _replaying(body, receive), send)
+        replay = _replaying(body, receive)
+        await self.app(scope, replay, send if hook is None else _hooked(hook, scope, replay, send))
 
-    async def _checked(self, path: str, body: bytes) -> bytes:
+    async def _checked(self, path: str, body: bytes) -> tuple[bytes, ReplyHook | None]:
         data = _parsed_json(body)
         refuse_reserved_fields(data)
         refuse_known_vllm_failures(path, data)
         rewriter = self.rewriters.get(path)
         if rewriter is None or data is None:
-            return body
+            return body, None
         rewritten = await rewriter(path, data)
-        return body if rewritten is None else json.dumps(rewritten).encode()
+        hook = None
+        if isinstance(rewritten, Rewritten):
+            rewritten, hook = rewritten.body, rewritten.reply_hook
+        return (body if rewritten is None else json.dumps(rewritten).encode()), hook
+
+
+def _hooked(hook: ReplyHook, scope, receive, send):
+    """An ASGI ``send`` that holds the route's reply, passes a 200 JSON reply through ``hook``,
+    and sends what it returns (or the error reply of what it raised)."""
+    start: dict = {}
+    chunks: list[bytes] = []
+
+    async def hooked_send(message):
+        if message["type"] == "http.response.start":
+            start.update(message)
+            return
+        if message["type"] != "http.response.body":
+            await send(message)
+            return
+        chunks.append(message.get("body", b""))
+        if message.get("more_body", False):
+            return
+        body = b"".join(chunks)
+        if start.get("status") == 200:
+            try:
+                body = json.dumps(await hook(json.loads(body))).encode()
+            except Exception as exc:
+                await error_response(exc)(scope, receive, send)
+                return
+        headers = [(k, v) for k, v in start.get("headers", []) if k.lower() != b"content-length"]
+        await send({**start, "headers": [*headers, (b"content-length", str(len(body)).encode())]})
+        await send({"type": "http.response.body", "body": body, "more_body": False})
+
+    return hooked_send
 
 
 def _replaying(body: bytes, receive):

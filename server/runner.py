@@ -177,6 +177,7 @@ async def serve(config: ServeConfig) -> int:
                                          planning_threads=config.max_concurrent_explains,
                                          fork_tokens_in_flight=config.fork_tokens_in_flight or None,
                                          **config.engine_args)
+    llm.set_chat_template(config.chat_template)  # explain's messages render as vLLM's chat route does
     grpc_server = http_server = metrics_server = None
     try:
         await _self_test(llm)

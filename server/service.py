@@ -20,6 +20,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 
+from atman_vllm.core.chat import check_messages
 from atman_vllm.core.controls import Control
 from atman_vllm.core.events import ExplainProgress
 from atman_vllm.core.options import ExplainOptions, InvalidRequestError
@@ -146,15 +147,29 @@ class AtmanService:
                                f"model: {model!r} is not served here; this server serves {self.llm.model_name!r}",
                                "model")
 
-    def explain_request(self, prompt, target, options: ExplainOptions, model: str | None = None) -> ExplainRequest:
-        """A validated request (raises ServiceError / InvalidRequestError naming the field)."""
+    def explain_request(self, prompt, target, options: ExplainOptions, model: str | None = None,
+                        messages=None, *, generated: bool = False) -> ExplainRequest:
+        """A validated request (raises ServiceError / InvalidRequestError naming the field).
+
+        ``messages`` (None: a plain prompt) is a chat, rendered with the model's template.
+        ``generated``: the target is generated later (an empty one is then expected).
+        """
         self.check_model(model)
-        check_text("prompt", prompt)
-        check_text("target", target)
+        if messages is not None and prompt:
+            raise invalid("messages", "give either prompt or messages, not both")
+        check_text("target", target, allow_empty=generated)
         if isinstance(options.delimiter, str):
             check_text("delimiter", options.delimiter, allow_empty=True)
             self.plan_limits.check_text("delimiter", options.delimiter)
-        request = ExplainRequest(prompt=prompt, target=target, options=options.validated())
+        if messages is None:
+            check_text("prompt", prompt)
+            request = ExplainRequest(prompt=prompt, target=target, options=options.validated())
+        else:
+            checked = check_messages(messages)
+            for m in checked:  # before anything renders or tokenizes them
+                check_text("messages", m.content, allow_empty=True)
+                self.plan_limits.check_text("messages", m.content)
+            request = self.llm.explain_request(None, target, options.validated(), messages=checked)
         self.plan_limits.check_chars(request)  # before anything tokenizes them
         return request
 
@@ -165,11 +180,11 @@ class AtmanService:
         planning runs on the engine's planning threads and stops when this
         call is cancelled (client gone, deadline passed).
         """
-        if request.target:
+        if request.target or request.target_token_ids is not None:
             plan = await self.llm.plan_async(request, limits=self.plan_limits)
             record.tokens, record.units = plan.num_tokens, plan.num_units
             return plan
-        record.tokens, record.units = self.llm.prompt_tokens(request.prompt), 0
+        record.tokens, record.units = self.llm.prompt_tokens(request), 0
         self.plan_limits.check_tokens(record.tokens)
         return None
 
@@ -273,10 +288,13 @@ class AtmanService:
                         completion = await self._stream_generation(p, request_id, emit)
                         if not explaining:
                             return None
-                        if not completion:
+                        try:
+                            answer = self.llm.answer_ids(completion)
+                        except InvalidRequestError:
                             raise invalid("explain", "the completion is empty (the model stopped at once); "
-                                                     "nothing to explain")
-                        request = ExplainRequest(p.prompt, completion, p.explain_options)
+                                                     "nothing to explain") from None
+                        # The generated ids themselves are scored, never a re-tokenized copy of their text.
+                        request = ExplainRequest(p.prompt, "", p.explain_options, target_token_ids=answer)
                         record = _CallRecord(f"{request_id}-explain", transport, p.prompt, deadline=deadline)
                         with self._recorded(record):
                             return await self._run_explain(
@@ -293,8 +311,9 @@ class AtmanService:
 
         return _stream(produce)
 
-    async def _stream_generation(self, p: GenerateParams, request_id: str, emit) -> str:
-        completion = ""
+    async def _stream_generation(self, p: GenerateParams, request_id: str, emit) -> list[int]:
+        """The generated token ids (each delta emitted as it comes)."""
+        completion: list[int] = []
         try:
             async for delta in self.llm.generate(
                 p.prompt, max_tokens=p.max_tokens, temperature=p.temperature, seed=p.seed,
@@ -302,7 +321,7 @@ class AtmanService:
                 control_overlap=p.control_overlap, request_id=request_id,
             ):
                 self.metrics.generated_tokens.inc(len(delta.token_ids))
-                completion = delta.completion_text
+                completion += delta.token_ids
                 emit(delta)
         except InvalidRequestError as exc:
             # The engine names control options by their Python API names.

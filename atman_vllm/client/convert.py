@@ -9,12 +9,14 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
+from atman_vllm.core.chat import ChatMessage
 from atman_vllm.core.options import ExplainOptions, InvalidRequestError
 from atman_vllm.core.results import (
     ExplainResult,
     ExplainStats,
     ExplanationForTarget,
     SpanScore,
+    TargetBoundary,
     TargetToken,
     TextSpan,
 )
@@ -96,11 +98,29 @@ def options_from_proto(msg: pb.ExplainOptions) -> ExplainOptions:
 
 
 def _scores_to_proto(scores: Iterable[SpanScore]) -> list[pb.ScoredSpan]:
-    return [pb.ScoredSpan(start=s.start, length=s.length, text=s.text, score=s.score) for s in scores]
+    return [pb.ScoredSpan(start=s.start, length=s.length, text=s.text, score=s.score, message=s.message)
+            for s in scores]
 
 
 def _scores_from_proto(scores: Iterable[pb.ScoredSpan]) -> tuple[SpanScore, ...]:
-    return tuple(SpanScore(s.start, s.length, s.text, s.score) for s in scores)
+    return tuple(SpanScore(s.start, s.length, s.text, s.score, s.message if s.HasField("message") else None)
+                 for s in scores)
+
+
+def messages_to_proto(messages) -> list[pb.ChatMessage]:
+    """Chat messages (ChatMessage or {role, content} dicts) as given; the server validates them."""
+    out = []
+    for i, m in enumerate(messages):
+        role, content = (m.role, m.content) if isinstance(m, ChatMessage) else (
+            (m.get("role"), m.get("content")) if isinstance(m, dict) else (None, None))
+        if not isinstance(role, str) or not isinstance(content, str):
+            raise InvalidRequestError("messages", f"messages[{i}] must have a string role and a string content")
+        out.append(pb.ChatMessage(role=role, content=content))
+    return out
+
+
+def messages_from_proto(messages: Iterable[pb.ChatMessage]) -> list[dict]:
+    return [{"role": m.role, "content": m.content} for m in messages]
 
 
 def result_to_proto(result: ExplainResult) -> pb.ExplainResult:
@@ -128,6 +148,8 @@ def result_to_proto(result: ExplainResult) -> pb.ExplainResult:
             cached_tokens=stats.cached_tokens,
             elapsed_s=stats.elapsed_s,
         ),
+        target_boundary=pb.TargetBoundary(**result.target_boundary.to_dict()),
+        messages=messages_to_proto(result.messages or ()),
     )
 
 
@@ -153,4 +175,8 @@ def result_from_proto(msg: pb.ExplainResult) -> ExplainResult:
             cached_tokens=stats.cached_tokens,
             elapsed_s=stats.elapsed_s,
         ),
+        target_boundary=(TargetBoundary(msg.target_boundary.aligned, msg.target_boundary.prompt_chars,
+                                        msg.target_boundary.note)
+                         if msg.HasField("target_boundary") else TargetBoundary(True)),
+        messages=tuple(ChatMessage(m.role, m.content) for m in msg.messages) or None,
     )

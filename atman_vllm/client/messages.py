@@ -12,7 +12,7 @@ from atman_vllm.core.events import ExplainProgress, GenerationDelta
 from atman_vllm.core.options import ExplainOptions, InvalidRequestError
 from atman_vllm.proto_gen import atman_pb2 as pb
 
-from .convert import options_to_proto, result_from_proto
+from .convert import messages_to_proto, options_to_proto, result_from_proto
 
 FIELD_METADATA_KEY = "atman-error-field"  # the server names the offending field here
 DEFAULT_MAX_MESSAGE_BYTES = 16 * 2**20
@@ -75,10 +75,21 @@ def _options(options: ExplainOptions | dict | None, extra: dict) -> pb.ExplainOp
     return msg
 
 
-def explain_request(prompt: str, target: str, options: ExplainOptions | dict | None, extra: dict,
-                    model: str) -> pb.ExplainRequest:
-    return pb.ExplainRequest(prompt=_text("prompt", prompt), target=_text("target", target),
-                             options=_options(options, extra), model=_text("model", model))
+def explain_request(prompt: str | None, target: str, options: ExplainOptions | dict | None, extra: dict,
+                    model: str, messages=None) -> pb.ExplainRequest:
+    msg = pb.ExplainRequest(prompt=_text("prompt", prompt or ""), target=_text("target", target),
+                            options=_options(options, extra), model=_text("model", model))
+    if messages is not None:
+        try:
+            if not messages:  # the wire cannot tell an empty list from none
+                raise InvalidRequestError("messages", "must be a non-empty list of {role, content} messages")
+            chat = messages_to_proto(messages)
+        except InvalidRequestError as exc:
+            raise AtmanError(grpc.StatusCode.INVALID_ARGUMENT, f"{exc.field}: {exc.message}", exc.field) from None
+        for m in chat:
+            _text("messages", m.content)
+        msg.messages.extend(chat)
+    return msg
 
 
 def generate_request(prompt: str, *, max_tokens: int, temperature: float | None, seed: int | None,

@@ -5,6 +5,7 @@ Request -> ``plan_explanation`` -> ``ForkJob``s -> a backend's ``run_jobs`` ->
 subclass ``Explainer`` and only run forward passes.
 """
 
+from .chat import ChatMessage, ChatPrompt, check_messages, locate_contents
 from .controls import Control, Overlap, plan_controls
 from .correlation import correlated_factors, cosine_similarity
 from .events import ExplainProgress, GenerationDelta
@@ -39,15 +40,26 @@ from .results import (
     ExplainStats,
     ExplanationForTarget,
     SpanScore,
+    TargetBoundary,
     TargetToken,
     TextSpan,
 )
 from .scoring import normalize_scores, postprocess, raw_deltas, score_explanations
-from .tokens import EncodedInput, EncodedPrompt, HFTokenizer, Tokenizer, encode_input, encode_prompt
-from .units import AUTO_MAX_UNITS, Unit, segment_prompt, target_units
+from .tokens import (
+    EncodedInput,
+    EncodedPrompt,
+    HFTokenizer,
+    Tokenizer,
+    decoded_offsets,
+    encode_input,
+    encode_prompt,
+    encode_with_target_ids,
+)
+from .units import AUTO_MAX_UNITS, PromptRegion, Unit, chat_regions, segment_prompt, segment_regions, target_units
 
 __all__ = [
-    "AUTO_MAX_UNITS", "CancelCheck", "Control", "EXPLAIN_RESULT_SCHEMA", "EmbeddingRows", "EncodedInput", "EncodedPrompt",
+    "AUTO_MAX_UNITS", "CancelCheck", "ChatMessage", "ChatPrompt", "PromptRegion", "TargetBoundary", "chat_regions",
+    "check_messages", "decoded_offsets", "encode_with_target_ids", "locate_contents", "segment_regions", "Control", "EXPLAIN_RESULT_SCHEMA", "EmbeddingRows", "EncodedInput", "EncodedPrompt",
     "ExplainOptions", "ExplainPlan", "ExplainProgress", "ExplainRequest", "ExplainResult", "ExplainStats", "Explainer",
     "ExplanationForTarget", "ForkJob", "ForkResult", "GenerationDelta", "Granularity", "HFTokenizer", "InvalidRequestError",
     "KeyBias", "Limit", "Mode", "Overlap", "PlanCancelled", "PlanLimits", "Postprocessing", "SpanScore", "TargetGranularity", "TargetToken", "TextSpan",

@@ -53,8 +53,12 @@ class Explainer(ABC):
         return plan_explanation(request, self.tokenizer, self.embedding_rows)
 
     def explain(self, prompt: str, target: str, options: ExplainOptions | None = None, **option_kwargs) -> ExplainResult:
+        return self.explain_planned(ExplainRequest(prompt, target, make_options(options, **option_kwargs)))
+
+    def explain_planned(self, request: ExplainRequest) -> ExplainResult:
+        """Plan ``request``, run its jobs, score them (the one path every ``explain`` takes)."""
         started = time.perf_counter()
-        plan = self.plan(ExplainRequest(prompt, target, make_options(options, **option_kwargs)))
+        plan = self.plan(request)
         results = self.run_jobs(plan.jobs)
         return plan.finish(results, time.perf_counter() - started)
 

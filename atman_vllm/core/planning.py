@@ -18,8 +18,8 @@ from .jobs import ForkJob, ForkResult, KeyBias
 from .requests import ExplainRequest
 from .results import ExplainResult, ExplainStats, TargetToken
 from .scoring import raw_deltas, score_explanations
-from .tokens import EncodedInput, Tokenizer, encode_input
-from .units import Unit, segment_prompt, target_units
+from .tokens import EncodedInput, Tokenizer, encode_input, encode_with_target_ids
+from .units import PromptRegion, Unit, chat_regions, segment_regions, target_units
 
 # Input-embedding rows [n, d] for the given token ids; None when the backend cannot provide them.
 EmbeddingRows = Callable[[Sequence[int]], "np.ndarray | None"]
@@ -51,7 +51,7 @@ class PlanLimits:
     units: Limit | None = None
 
     def check_chars(self, request: ExplainRequest) -> None:
-        self.check_text("prompt", request.prompt)
+        self.check_text("messages" if request.chat is not None else "prompt", request.prompt)
         self.check_text("target", request.target)
 
     def check_text(self, field: str, text) -> None:
@@ -150,7 +150,7 @@ class ExplainPlan:
             raise ValueError(f"results have {ce.shape[1]} target cross-entropies, expected {num_targets}")
         if not np.all(np.isfinite(ce)):
             raise ValueError("backend returned a non-finite target cross-entropy")
-        opts, target = self.options, self.request.target
+        opts, target = self.options, self.encoded.target
         explanations = score_explanations(
             self.units, self.target_units, target, self.encoded.target_offsets, self.encoded.target_start,
             raw_deltas(ce[0], ce[1:]), opts.target_granularity, opts.postprocessing, opts.normalize,
@@ -165,7 +165,26 @@ class ExplainPlan:
             cached_tokens=int(sum(r.cached_tokens for r in results)),
             elapsed_s=float(elapsed_s),
         )
-        return ExplainResult(self.request.prompt, target, target_tokens, explanations, opts, stats)
+        chat = self.request.chat
+        return ExplainResult(self.request.prompt, target, target_tokens, explanations, opts, stats,
+                             self.encoded.boundary, None if chat is None else chat.messages)
+
+
+def encode_request(request: ExplainRequest, tokenizer: Tokenizer) -> EncodedInput:
+    """The request's token sequence: prompt and target together, or the prompt then the given target ids."""
+    add_bos = request.chat is None  # a rendered chat prompt is tokenized as it is, as vLLM does
+    if request.target_token_ids is not None:
+        return encode_with_target_ids(tokenizer, request.prompt, request.target_token_ids, add_bos=add_bos)
+    return encode_input(tokenizer, request.prompt, request.target, add_bos=add_bos)
+
+
+def prompt_regions(request: ExplainRequest, encoded: EncodedInput) -> list[PromptRegion]:
+    """Where units come from: the whole prompt, or each chat message's content."""
+    if request.chat is None:
+        return [PromptRegion(request.prompt, encoded.prompt_offsets, encoded.prompt_start)]
+    chat = request.chat
+    return chat_regions(encoded.prompt_offsets, encoded.prompt_start, chat.content_starts,
+                        [m.content for m in chat.messages])
 
 
 def plan_explanation(
@@ -185,19 +204,22 @@ def plan_explanation(
     cancelled = cancelled or (lambda: False)
     options = request.options.validated()
     limits.check_chars(request)
-    encoded = encode_input(tokenizer, request.prompt, request.target)
+    encoded = encode_request(request, tokenizer)
     limits.check_tokens(len(encoded.token_ids))
     if cancelled():
         raise PlanCancelled()
-    units, granularity = segment_prompt(request.prompt, encoded.prompt_offsets, encoded.prompt_start, options)
+    regions = prompt_regions(request, encoded)
+    units, granularity = segment_regions(regions, options)
     options = replace(options, granularity=granularity)
-    t_units = target_units(request.target, encoded.target_offsets, encoded.target_start, options.target_granularity)
+    t_units = target_units(encoded.target, encoded.target_offsets, encoded.target_start, options.target_granularity)
     limits.check_units(len(units) + len(t_units))
 
     similarity, candidates = None, ()
     if options.kappa is not None:
-        # Candidates for correlated suppression: every content token, prompt and target, never the BOS.
-        candidates = tuple(range(encoded.prompt_start, len(encoded.token_ids)))
+        # Candidates for correlated suppression: every token a unit could hold (the prompt's, or the
+        # messages' contents'), and the target's; never the BOS, never a chat template's tokens.
+        region_positions = [r.first_position + i for r in regions for i in range(len(r.offsets))]
+        candidates = tuple(sorted(set(region_positions))) + tuple(range(encoded.target_start, len(encoded.token_ids)))
         similarity = TokenSimilarity(encoded.token_ids, embedding_rows)
 
     jobs = [ForkJob(encoded.token_ids, encoded.target_start, None)]

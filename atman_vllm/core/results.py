@@ -2,13 +2,16 @@
 
 Every span is ``(start, length)`` into the prompt (``prompt_scores``) or the
 target (``target``, ``target_tokens``, ``target_scores``), with its text, so
-clients never handle token ids.
+clients never handle token ids. For a chat explanation (``messages``), each
+prompt score also names its ``message`` and its span is into that message's
+content; ``prompt`` is then the rendered chat prompt the model saw.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+from .chat import ChatMessage
 from .options import ExplainOptions
 
 
@@ -32,13 +35,42 @@ class SpanScore:
     length: int
     text: str
     score: float  # positive: suppressing this span made the target less likely
+    message: int | None = None  # chat: the message whose content start/length index; else None
 
     def to_dict(self) -> dict:
-        return {"start": self.start, "length": self.length, "text": self.text, "score": self.score}
+        d = {"start": self.start, "length": self.length, "text": self.text, "score": self.score}
+        if self.message is not None:
+            d["message"] = self.message
+        return d
 
     @classmethod
     def from_dict(cls, d: dict) -> "SpanScore":
-        return cls(int(d["start"]), int(d["length"]), d["text"], float(d["score"]))
+        message = d.get("message")
+        return cls(int(d["start"]), int(d["length"]), d["text"], float(d["score"]),
+                   None if message is None else int(message))
+
+
+@dataclass(frozen=True)
+class TargetBoundary:
+    """Whether prompt and target split on a token boundary (see core/tokens.py).
+
+    Not aligned: the first target token also covers the prompt's last
+    ``prompt_chars`` characters (it is scored as the model sees it; those
+    prompt characters belong to no unit); ``note`` says which.
+    """
+
+    aligned: bool
+    prompt_chars: int = 0
+    note: str = ""
+
+    def to_dict(self) -> dict:
+        return {"aligned": self.aligned, "prompt_chars": self.prompt_chars, "note": self.note}
+
+    @classmethod
+    def from_dict(cls, d: dict | None) -> "TargetBoundary":
+        if d is None:
+            return cls(True)
+        return cls(bool(d["aligned"]), int(d.get("prompt_chars", 0)), d.get("note", ""))
 
 
 @dataclass(frozen=True)
@@ -111,16 +143,22 @@ class ExplainResult:
     explanations: tuple[ExplanationForTarget, ...]
     options: ExplainOptions  # as resolved (granularity "auto" replaced by what it chose)
     stats: ExplainStats
+    target_boundary: TargetBoundary = TargetBoundary(True)
+    messages: tuple[ChatMessage, ...] | None = None  # chat explanations: the messages, as given
 
     def to_dict(self) -> dict:
-        return {
+        d = {
             "prompt": self.prompt,
             "target": self.target,
             "target_tokens": [t.to_dict() for t in self.target_tokens],
             "explanations": [e.to_dict() for e in self.explanations],
             "options": self.options.to_dict(),
             "stats": self.stats.to_dict(),
+            "target_boundary": self.target_boundary.to_dict(),
         }
+        if self.messages is not None:
+            d["messages"] = [m.to_dict() for m in self.messages]
+        return d
 
     # Display and conversions live in atman_vllm.view, imported on first use so
     # the core carries no rendering code and imports neither rich nor torch.
@@ -161,6 +199,8 @@ class ExplainResult:
             explanations=tuple(ExplanationForTarget.from_dict(e) for e in d["explanations"]),
             options=ExplainOptions.from_dict(d["options"]),
             stats=ExplainStats.from_dict(d["stats"]),
+            target_boundary=TargetBoundary.from_dict(d.get("target_boundary")),
+            messages=None if d.get("messages") is None else tuple(ChatMessage.from_dict(m) for m in d["messages"]),
         )
 
 
@@ -172,7 +212,14 @@ def _obj(props: dict) -> dict:
     return {"type": "object", "properties": props, "required": list(props), "additionalProperties": False}
 
 
+def _optional(schema: dict, *names: str) -> dict:
+    schema["required"] = [r for r in schema["required"] if r not in names]
+    return schema
+
+
 _SPAN_SCORE = _obj({**_SPAN_PROPS, "score": {"type": "number"}})
+# Chat explanations: prompt scores name their message (spans are into its content).
+_PROMPT_SCORE = _optional(_obj({**_SPAN_PROPS, "score": {"type": "number"}, "message": _INT0}), "message")
 _OPTIONS = _obj({
     "factor": {"type": "number", "exclusiveMinimum": 0},
     "mode": {"enum": ["log-additive", "multiplicative"]},
@@ -200,7 +247,7 @@ EXPLAIN_RESULT_SCHEMA: dict = {
         })},
         "explanations": {"type": "array", "minItems": 1, "items": _obj({
             "target": _obj(dict(_SPAN_PROPS)),
-            "prompt_scores": {"type": "array", "minItems": 1, "items": _SPAN_SCORE},
+            "prompt_scores": {"type": "array", "minItems": 1, "items": _PROMPT_SCORE},
             "target_scores": {"type": "array", "items": _SPAN_SCORE},
         })},
         "options": _OPTIONS,
@@ -208,5 +255,10 @@ EXPLAIN_RESULT_SCHEMA: dict = {
             "perturbations": _INT0, "forward_passes": {"type": "integer", "minimum": 1},
             "computed_tokens": _INT0, "cached_tokens": _INT0, "elapsed_s": {"type": "number", "minimum": 0},
         }),
+        "target_boundary": _obj({"aligned": {"type": "boolean"}, "prompt_chars": _INT0, "note": {"type": "string"}}),
+        "messages": {"type": "array", "minItems": 1, "items": _obj({
+            "role": {"enum": ["system", "user", "assistant"]}, "content": {"type": "string"},
+        })},
     }),
 }
+_optional(EXPLAIN_RESULT_SCHEMA, "messages")

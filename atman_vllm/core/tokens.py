@@ -1,8 +1,21 @@
 """Tokenization with character offsets, so every score maps back to text.
 
-Prompt and target are tokenized separately and concatenated, so the target's
-tokens are exactly the tokens scored (no token straddles the boundary) and
-both texts keep their own offsets.
+The scored target tokens are exactly the tokens the model sees for the
+prompt and target together: ``prompt + target`` is tokenized as one text
+(BPE merges across the boundary, leading spaces, SentencePiece's "▁" all as
+the tokenizer does them) and split at the first token that carries a target
+character. When that token also carries prompt characters (a prompt ending
+in a space before a word, or in the middle of a word), no split on a token
+boundary exists: that token is scored as the first target token, the prompt
+characters it covers belong to no unit, and the result's ``target_boundary``
+says so. Spans are never shifted to hide it.
+
+A target given as token ids (generate-then-explain) is scored as those ids,
+after the prompt's own tokens, exactly as the engine ran them; its text is
+their decoding. Its offsets are the tokenizer's where tokenizing prompt +
+text gives these very ids (so both ways report the same spans), else they
+come from decoding incrementally (a token that ends inside a UTF-8 sequence
+gets an empty span; the token that completes the character gets it).
 """
 
 from __future__ import annotations
@@ -11,6 +24,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol, Sequence, runtime_checkable
 
 from .options import InvalidRequestError
+from .results import TargetBoundary
 
 Offsets = tuple[tuple[int, int], ...]
 
@@ -67,21 +81,25 @@ class EncodedInput:
     prompt_start: int  # index of the first prompt token
     target_start: int  # index of the first target token
     prompt_offsets: Offsets  # relative to the prompt text
-    target_offsets: Offsets  # relative to the target text
+    target_offsets: Offsets  # relative to the target text (the first clamped at 0 when not aligned)
+    target: str = ""  # the target text the offsets index (decoded, for a target given as ids)
+    boundary: TargetBoundary = TargetBoundary(True)
 
     @property
     def num_targets(self) -> int:
         return len(self.token_ids) - self.target_start
 
 
-def _tokenize(tokenizer: Tokenizer, text: Any, field: str) -> tuple[list[int], Offsets]:
+def check_text(text: Any, field: str) -> str:
     if not isinstance(text, str):
         raise InvalidRequestError(field, f"must be a string, got {type(text).__name__}")
     if not text:
         raise InvalidRequestError(field, "must not be empty")
+    return text
+
+
+def _encode(tokenizer: Tokenizer, text: str) -> tuple[list[int], Offsets]:
     ids, offsets = tokenizer.encode(text)
-    if not ids:
-        raise InvalidRequestError(field, f"yields no tokens: {text!r}")
     if len(offsets) != len(ids):
         raise ValueError("tokenizer returned a different number of offsets than tokens")
     # Clamp to the text: some tokenizers report offsets past the end for byte pieces.
@@ -90,19 +108,97 @@ def _tokenize(tokenizer: Tokenizer, text: Any, field: str) -> tuple[list[int], O
     return [int(i) for i in ids], clamped
 
 
-def encode_prompt(tokenizer: Tokenizer, prompt: str) -> EncodedPrompt:
-    ids, offsets = _tokenize(tokenizer, prompt, "prompt")
-    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+def _bos(tokenizer: Tokenizer, add_bos: bool) -> list[int]:
+    return [tokenizer.bos_token_id] if add_bos and tokenizer.bos_token_id is not None else []
+
+
+def encode_prompt(tokenizer: Tokenizer, prompt: str, *, add_bos: bool = True) -> EncodedPrompt:
+    """``add_bos=False``: the text as it is (a rendered chat prompt carries its template's specials)."""
+    ids, offsets = _encode(tokenizer, check_text(prompt, "prompt"))
+    if not ids:
+        raise InvalidRequestError("prompt", f"yields no tokens: {prompt!r}")
+    bos = _bos(tokenizer, add_bos)
     return EncodedPrompt(tuple(bos + ids), len(bos), offsets)
 
 
-def encode_input(tokenizer: Tokenizer, prompt: str, target: str) -> EncodedInput:
-    p = encode_prompt(tokenizer, prompt)
-    target_ids, target_offsets = _tokenize(tokenizer, target, "target")
+def encode_input(tokenizer: Tokenizer, prompt: str, target: str, *, add_bos: bool = True) -> EncodedInput:
+    """Prompt and target tokenized together, split at the first token with a target character."""
+    check_text(prompt, "prompt")
+    check_text(target, "target")
+    ids, offsets = _encode(tokenizer, prompt + target)
+    p = len(prompt)
+    k = next((i for i, (_, e) in enumerate(offsets) if e > p), len(ids))
+    if not ids or offsets[0][0] >= p:
+        raise InvalidRequestError("prompt", f"yields no tokens: {prompt!r}")
+    if k == len(ids):
+        raise InvalidRequestError("target", f"yields no tokens after the prompt: {target!r}")
+    if k == 0:
+        raise InvalidRequestError("prompt", f"the tokenizer merges the whole prompt with the target's start into "
+                                            f"one token {(prompt + target)[slice(*offsets[0])]!r}; no prompt token "
+                                            "is left to explain")
+    boundary = TargetBoundary(True)
+    first_start = offsets[k][0]
+    if first_start < p:
+        joined = (prompt + target)[first_start:offsets[k][1]]
+        boundary = TargetBoundary(False, p - first_start, (
+            f"the tokenizer merges the prompt's last {p - first_start} character(s) {prompt[first_start:]!r} "
+            f"with the target's start into one token {joined!r}; the model sees that token, so it is scored as "
+            "the first target token, and those prompt characters belong to no unit"))
+    bos = _bos(tokenizer, add_bos)
     return EncodedInput(
-        token_ids=p.token_ids + tuple(target_ids),
+        token_ids=tuple(bos + ids),
+        prompt_start=len(bos),
+        target_start=len(bos) + k,
+        prompt_offsets=offsets[:k],
+        target_offsets=tuple((max(s - p, 0), e - p) for s, e in offsets[k:]),
+        target=target,
+        boundary=boundary,
+    )
+
+
+def decoded_offsets(tokenizer: Tokenizer, token_ids: Sequence[int]) -> tuple[str, Offsets]:
+    """The text of ``token_ids`` and each token's (start, end) in it, from incremental decoding.
+
+    Token j ends where the decoded text of ids[:j+1] stops agreeing with the
+    whole text; a token ending inside a multi-byte character decodes to a
+    replacement character there, so it gets an empty span and the token that
+    completes the character gets the character.
+    """
+    text = tokenizer.decode(token_ids)
+    offsets, end = [], 0
+    for j in range(len(token_ids)):
+        prefix = tokenizer.decode(token_ids[:j + 1]) if j + 1 < len(token_ids) else text
+        agree = 0
+        limit = min(len(prefix), len(text))
+        while agree < limit and prefix[agree] == text[agree]:
+            agree += 1
+        new_end = max(end, agree)
+        offsets.append((end, new_end))
+        end = new_end
+    return text, tuple(offsets)
+
+
+def encode_with_target_ids(tokenizer: Tokenizer, prompt: str, target_ids: Sequence[int], *,
+                           add_bos: bool = True) -> EncodedInput:
+    """[BOS] + the prompt's tokens + ``target_ids`` as given (the generated ids themselves)."""
+    if not target_ids:
+        raise InvalidRequestError("target", "no target token ids to explain")
+    if any(isinstance(t, bool) or not isinstance(t, int) or t < 0 for t in target_ids):
+        raise InvalidRequestError("target", "target token ids must be non-negative integers")
+    p = encode_prompt(tokenizer, prompt, add_bos=add_bos)
+    target, target_offsets = decoded_offsets(tokenizer, target_ids)
+    token_ids = p.token_ids + tuple(int(t) for t in target_ids)
+    try:  # where tokenizing the text gives these very ids, its offsets are the ones to report
+        joint = encode_input(tokenizer, prompt, target, add_bos=add_bos) if target.strip() else None
+    except InvalidRequestError:
+        joint = None
+    if joint is not None and joint.token_ids == token_ids and joint.target_start == len(p.token_ids):
+        target_offsets = joint.target_offsets
+    return EncodedInput(
+        token_ids=token_ids,
         prompt_start=p.prompt_start,
         target_start=len(p.token_ids),
         prompt_offsets=p.prompt_offsets,
         target_offsets=target_offsets,
+        target=target,
     )

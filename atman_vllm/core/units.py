@@ -23,7 +23,10 @@ How a prompt becomes units, in two steps:
    ranges) and each span must receive at least one token.
 
 So for token/word/sentence/paragraph/custom, every prompt token is in exactly
-one unit. A unit is reported with its segment's span, not its tokens' span,
+one unit. A chat prompt is segmented per message (``PromptRegion``): each
+message's content is cut as above, only the tokens whose characters lie in
+that content take part, and the units carry the message index; template
+tokens belong to no unit. A unit is reported with its segment's span, not its tokens' span,
 so spans never overlap; segments that receive no token are dropped.
 """
 
@@ -52,6 +55,7 @@ class Unit:
     text: str  # == source_text[start:start + length]
     positions: tuple[int, ...]  # absolute token indices in the sequence, increasing
     region: Region = "prompt"
+    message: int | None = None  # chat: the message whose content start/length index
 
     def __post_init__(self):
         if not self.positions:
@@ -181,19 +185,21 @@ def _attach_uncovered(owner: list[int | None]) -> list[int]:
     return out  # type: ignore[return-value]
 
 
-def _build_units(text: str, segs: Sequence[CharSpan], owner: Sequence[int | None], first_position: int, region: Region) -> list[Unit]:
+def _build_units(text: str, segs: Sequence[CharSpan], owner: Sequence[int | None], first_position: int, region: Region,
+                 message: int | None = None) -> list[Unit]:
     members: dict[int, list[int]] = {}
     for i, seg in enumerate(owner):
         if seg is not None:
             members.setdefault(seg, []).append(first_position + i)
     return [
-        Unit(s, e - s, text[s:e], tuple(members[j]), region)
+        Unit(s, e - s, text[s:e], tuple(members[j]), region, message)
         for j, (s, e) in enumerate(segs)
         if j in members  # a segment that received no token is dropped
     ]
 
 
-def _units_for(text: str, offsets: Sequence[CharSpan], prompt_start: int, granularity: Granularity, options: ExplainOptions) -> list[Unit]:
+def _units_for(text: str, offsets: Sequence[CharSpan], prompt_start: int, granularity: Granularity,
+               options: ExplainOptions, message: int | None = None) -> list[Unit]:
     if granularity is Granularity.SPANS:
         segs = _check_spans(text, options.spans)
         owner = _assign(offsets, segs)
@@ -203,7 +209,56 @@ def _units_for(text: str, offsets: Sequence[CharSpan], prompt_start: int, granul
                 raise InvalidRequestError("spans", f"span ({s}, {e - s}) {text[s:e]!r} covers no token of its own")
         return _build_units(text, segs, owner, prompt_start, "prompt")
     segs = _segments(text, offsets, granularity, options)
-    return _build_units(text, segs, _attach_uncovered(_assign(offsets, segs)), prompt_start, "prompt")
+    return _build_units(text, segs, _attach_uncovered(_assign(offsets, segs)), prompt_start, "prompt", message)
+
+
+@dataclass(frozen=True)
+class PromptRegion:
+    """Text whose tokens become units: the whole prompt, or one chat message's content."""
+
+    text: str
+    offsets: tuple[CharSpan, ...]  # its tokens' char offsets into text
+    first_position: int  # absolute position of the token with offset index 0
+    message: int | None = None
+
+
+def chat_regions(prompt_offsets: Sequence[CharSpan], prompt_start: int, content_starts: Sequence[int],
+                 contents: Sequence[str]) -> list[PromptRegion]:
+    """One region per message with content: the tokens whose characters overlap it, offsets into the content.
+
+    ``prompt_offsets`` index the rendered prompt; the tokens overlapping one
+    content are consecutive. A message with only whitespace has no units.
+    """
+    regions = []
+    for m, (cs, content) in enumerate(zip(content_starts, contents)):
+        ce = cs + len(content)
+        inside = [i for i, (s, e) in enumerate(prompt_offsets) if s < ce and e > cs]
+        if not content.strip() or not inside:
+            continue
+        offsets = tuple((max(s - cs, 0), min(e - cs, len(content))) for s, e in prompt_offsets[inside[0]:inside[-1] + 1])
+        regions.append(PromptRegion(content, offsets, prompt_start + inside[0], m))
+    return regions
+
+
+def _region_units(regions: Sequence[PromptRegion], granularity: Granularity, options: ExplainOptions) -> list[Unit]:
+    return [u for r in regions for u in _units_for(r.text, r.offsets, r.first_position, granularity, options, r.message)]
+
+
+def segment_regions(regions: Sequence[PromptRegion], options: ExplainOptions) -> tuple[list[Unit], Granularity]:
+    """Units of every region for ``options.granularity``, and the granularity used (auto: the finest
+    with at most AUTO_MAX_UNITS units over all regions together)."""
+    if not regions:
+        raise InvalidRequestError("messages", "no message content has a token of its own to explain")
+    granularity = Granularity(options.granularity)
+    if granularity is Granularity.SPANS and any(r.message is not None for r in regions):
+        raise InvalidRequestError("spans", "are character spans of a prompt; with messages use another granularity")
+    if granularity is Granularity.AUTO:
+        for candidate in _AUTO_ORDER:
+            units = _region_units(regions, candidate, options)
+            if len(units) <= AUTO_MAX_UNITS:
+                return units, candidate
+        return units, Granularity.PARAGRAPH
+    return _region_units(regions, granularity, options), granularity
 
 
 def segment_prompt(
@@ -214,14 +269,7 @@ def segment_prompt(
     ``offsets`` are the prompt tokens' char offsets into ``text``; the token
     with offset index i sits at absolute position ``prompt_start + i``.
     """
-    granularity = Granularity(options.granularity)
-    if granularity is Granularity.AUTO:
-        for candidate in _AUTO_ORDER:
-            units = _units_for(text, offsets, prompt_start, candidate, options)
-            if len(units) <= AUTO_MAX_UNITS:
-                return units, candidate
-        return units, Granularity.PARAGRAPH
-    return _units_for(text, offsets, prompt_start, granularity, options), granularity
+    return segment_regions([PromptRegion(text, tuple(offsets), prompt_start)], options)
 
 
 def target_units(

@@ -36,17 +36,27 @@ class ExplainOptions(_message.Message):
     normalize: bool
     def __init__(self, factor: _Optional[float] = ..., mode: _Optional[str] = ..., kappa: _Optional[float] = ..., granularity: _Optional[str] = ..., delimiter: _Optional[str] = ..., spans: _Optional[_Iterable[_Union[Span, _Mapping]]] = ..., target_granularity: _Optional[str] = ..., postprocessing: _Optional[str] = ..., normalize: _Optional[bool] = ...) -> None: ...
 
+class ChatMessage(_message.Message):
+    __slots__ = ("role", "content")
+    ROLE_FIELD_NUMBER: _ClassVar[int]
+    CONTENT_FIELD_NUMBER: _ClassVar[int]
+    role: str
+    content: str
+    def __init__(self, role: _Optional[str] = ..., content: _Optional[str] = ...) -> None: ...
+
 class ExplainRequest(_message.Message):
-    __slots__ = ("prompt", "target", "options", "model")
+    __slots__ = ("prompt", "target", "options", "model", "messages")
     PROMPT_FIELD_NUMBER: _ClassVar[int]
     TARGET_FIELD_NUMBER: _ClassVar[int]
     OPTIONS_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
+    MESSAGES_FIELD_NUMBER: _ClassVar[int]
     prompt: str
     target: str
     options: ExplainOptions
     model: str
-    def __init__(self, prompt: _Optional[str] = ..., target: _Optional[str] = ..., options: _Optional[_Union[ExplainOptions, _Mapping]] = ..., model: _Optional[str] = ...) -> None: ...
+    messages: _containers.RepeatedCompositeFieldContainer[ChatMessage]
+    def __init__(self, prompt: _Optional[str] = ..., target: _Optional[str] = ..., options: _Optional[_Union[ExplainOptions, _Mapping]] = ..., model: _Optional[str] = ..., messages: _Optional[_Iterable[_Union[ChatMessage, _Mapping]]] = ...) -> None: ...
 
 class TargetToken(_message.Message):
     __slots__ = ("text", "start", "length", "logprob")
@@ -71,16 +81,28 @@ class TextSpan(_message.Message):
     def __init__(self, start: _Optional[int] = ..., length: _Optional[int] = ..., text: _Optional[str] = ...) -> None: ...
 
 class ScoredSpan(_message.Message):
-    __slots__ = ("start", "length", "text", "score")
+    __slots__ = ("start", "length", "text", "score", "message")
     START_FIELD_NUMBER: _ClassVar[int]
     LENGTH_FIELD_NUMBER: _ClassVar[int]
     TEXT_FIELD_NUMBER: _ClassVar[int]
     SCORE_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
     start: int
     length: int
     text: str
     score: float
-    def __init__(self, start: _Optional[int] = ..., length: _Optional[int] = ..., text: _Optional[str] = ..., score: _Optional[float] = ...) -> None: ...
+    message: int
+    def __init__(self, start: _Optional[int] = ..., length: _Optional[int] = ..., text: _Optional[str] = ..., score: _Optional[float] = ..., message: _Optional[int] = ...) -> None: ...
+
+class TargetBoundary(_message.Message):
+    __slots__ = ("aligned", "prompt_chars", "note")
+    ALIGNED_FIELD_NUMBER: _ClassVar[int]
+    PROMPT_CHARS_FIELD_NUMBER: _ClassVar[int]
+    NOTE_FIELD_NUMBER: _ClassVar[int]
+    aligned: bool
+    prompt_chars: int
+    note: str
+    def __init__(self, aligned: _Optional[bool] = ..., prompt_chars: _Optional[int] = ..., note: _Optional[str] = ...) -> None: ...
 
 class Explanation(_message.Message):
     __slots__ = ("target", "prompt_scores", "target_scores")
@@ -107,20 +129,24 @@ class ExplainStats(_message.Message):
     def __init__(self, perturbations: _Optional[int] = ..., forward_passes: _Optional[int] = ..., computed_tokens: _Optional[int] = ..., cached_tokens: _Optional[int] = ..., elapsed_s: _Optional[float] = ...) -> None: ...
 
 class ExplainResult(_message.Message):
-    __slots__ = ("prompt", "target", "target_tokens", "explanations", "options", "stats")
+    __slots__ = ("prompt", "target", "target_tokens", "explanations", "options", "stats", "target_boundary", "messages")
     PROMPT_FIELD_NUMBER: _ClassVar[int]
     TARGET_FIELD_NUMBER: _ClassVar[int]
     TARGET_TOKENS_FIELD_NUMBER: _ClassVar[int]
     EXPLANATIONS_FIELD_NUMBER: _ClassVar[int]
     OPTIONS_FIELD_NUMBER: _ClassVar[int]
     STATS_FIELD_NUMBER: _ClassVar[int]
+    TARGET_BOUNDARY_FIELD_NUMBER: _ClassVar[int]
+    MESSAGES_FIELD_NUMBER: _ClassVar[int]
     prompt: str
     target: str
     target_tokens: _containers.RepeatedCompositeFieldContainer[TargetToken]
     explanations: _containers.RepeatedCompositeFieldContainer[Explanation]
     options: ExplainOptions
     stats: ExplainStats
-    def __init__(self, prompt: _Optional[str] = ..., target: _Optional[str] = ..., target_tokens: _Optional[_Iterable[_Union[TargetToken, _Mapping]]] = ..., explanations: _Optional[_Iterable[_Union[Explanation, _Mapping]]] = ..., options: _Optional[_Union[ExplainOptions, _Mapping]] = ..., stats: _Optional[_Union[ExplainStats, _Mapping]] = ...) -> None: ...
+    target_boundary: TargetBoundary
+    messages: _containers.RepeatedCompositeFieldContainer[ChatMessage]
+    def __init__(self, prompt: _Optional[str] = ..., target: _Optional[str] = ..., target_tokens: _Optional[_Iterable[_Union[TargetToken, _Mapping]]] = ..., explanations: _Optional[_Iterable[_Union[Explanation, _Mapping]]] = ..., options: _Optional[_Union[ExplainOptions, _Mapping]] = ..., stats: _Optional[_Union[ExplainStats, _Mapping]] = ..., target_boundary: _Optional[_Union[TargetBoundary, _Mapping]] = ..., messages: _Optional[_Iterable[_Union[ChatMessage, _Mapping]]] = ...) -> None: ...
 
 class ExplainProgress(_message.Message):
     __slots__ = ("done_forks", "total_forks")

@@ -21,7 +21,7 @@ from typing import Mapping, Sequence
 
 from atman_vllm.core import ExplainOptions, ExplainResult, Granularity, Mode, SpanScore, TargetGranularity
 
-from .scale import NEGATIVE_RGB, POSITIVE_RGB, explanation_scale, hex_colour, strength
+from .scale import NEGATIVE_RGB, POSITIVE_RGB, explanation_scale, hex_colour, prompt_texts, strength
 from .terminal import TOP_UNITS, stats_line, target_title
 
 # Units the page's form can ask for: "custom" and "spans" need a delimiter or spans it has no field for.
@@ -70,7 +70,8 @@ def notebook_html(result: ExplainResult) -> str:
     for i, exp in enumerate(result.explanations):
         scale = explanation_scale(exp)
         parts.append(f'<div class="tt">{html.escape(target_title(i, result, exp))}</div>')
-        parts.append(f'<div class="heat">{_heat(result.prompt, exp.prompt_scores, scale, "prompt")}</div>')
+        for label, text, scores in prompt_texts(result, exp.prompt_scores):
+            parts.append(f'<div class="heat">{html.escape(label)}{_heat(text, scores, scale, "prompt")}</div>')
         if exp.target_scores:
             parts.append(f'<div class="heat">{_heat(result.target, exp.target_scores, scale, "target")}</div>')
         parts.append(_legend(scale))

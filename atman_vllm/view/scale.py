@@ -41,3 +41,11 @@ def mixed_rgb(score: float, scale: float) -> tuple[int, int, int]:
     end = POSITIVE_RGB if score > 0 else NEGATIVE_RGB
     x = strength(score, scale)
     return tuple(int(round(w + (e - w) * x)) for w, e in zip(WHITE, end))  # type: ignore[return-value]
+
+
+def prompt_texts(result, scores) -> list[tuple[str, str, list]]:
+    """(label, text, the scores whose spans index that text): the prompt, or for a chat each message's
+    content (scores name their message), so every view highlights spans in the text they index."""
+    if result.messages is None:
+        return [("", result.prompt, list(scores))]
+    return [(f"{m.role}: ", m.content, [s for s in scores if s.message == i]) for i, m in enumerate(result.messages)]

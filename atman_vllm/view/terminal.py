@@ -17,7 +17,7 @@ from rich.text import Text
 
 from atman_vllm.core import ExplainResult, ExplanationForTarget, SpanScore
 
-from .scale import explanation_scale, mixed_rgb, strength
+from .scale import explanation_scale, mixed_rgb, prompt_texts, strength
 
 TOP_UNITS = 5
 
@@ -45,8 +45,11 @@ def target_title(index: int, result: ExplainResult, exp: ExplanationForTarget) -
 
 def _one(index: int, result: ExplainResult, exp: ExplanationForTarget) -> list[RenderableType]:
     scale = explanation_scale(exp)
-    parts: list[RenderableType] = [Rule(Text(target_title(index, result, exp), style="bold")),  # Text: never markup
-                                   _heatmap(result.prompt, exp.prompt_scores, scale)]
+    parts: list[RenderableType] = [Rule(Text(target_title(index, result, exp), style="bold"))]  # Text: never markup
+    for label, text, scores in prompt_texts(result, exp.prompt_scores):
+        line = Text()
+        line.append(label, style="bold")  # a chat message's role; the content keeps its own styles
+        parts.append(line.append_text(_heatmap(text, scores, scale)))
     if exp.target_scores:
         target = _heatmap(result.target, exp.target_scores, scale)
         target.stylize("bold underline", exp.target.start, exp.target.start + exp.target.length)
@@ -59,6 +62,8 @@ def _one(index: int, result: ExplainResult, exp: ExplanationForTarget) -> list[R
     tagged = [("prompt", s) for s in exp.prompt_scores] + [("target", s) for s in exp.target_scores]
     top = sorted(tagged, key=lambda ws: ws[1].score, reverse=True)[:TOP_UNITS]
     for rank, (where, s) in enumerate(top, 1):
+        if s.message is not None:
+            where = f"message {s.message}"
         table.add_row(str(rank), f"{where} {s.start}:{s.length}", Text(repr(s.text)), f"{s.score:+.4f}")
     parts.append(table)
     return parts

@@ -9,12 +9,13 @@ forks reuse the unperturbed run's cached blocks. The checkpoint is built once pe
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 
 import numpy as np
 import pytest
 import torch
 
-from atman_vllm.core import ExplainOptions
+from atman_vllm.core import ExplainOptions, InvalidRequestError
 from tolerances import assert_close
 
 from .conftest import ENGINE_ARGS, multiprocess_engine
@@ -117,3 +118,41 @@ def test_smollm2_vllm_matches_reference(smollm2_engine, smollm2_reference, mode,
     if kappa is not None:  # correlated suppression must have changed something, or this case tests nothing
         plain = smollm2_reference(mode, None)
         assert np.abs(_scores(plain) - expected).max() > 100 * RELATIVE_BOUND * largest
+
+
+CHAT = [{"role": "user", "content": "Ben likes to eat burgers and fries. What does Ben like to eat?"}]
+
+
+def test_smollm2_chat_explanation_units_are_message_words(smollm2_engine):
+    """Issue 12, item 4: a chat on SmolLM2's own template; units are the message's words only
+    (never the template's default system prompt or its <|im_start|> markup)."""
+    result = smollm2_engine.explain(messages=CHAT, target="Burgers and fries.", granularity="word")
+    assert result.prompt.startswith("<|im_start|>system\nYou are a helpful AI assistant named SmolLM")
+    assert result.prompt.endswith("<|im_start|>user\n" + CHAT[0]["content"] + "<|im_end|>\n<|im_start|>assistant\n")
+    scores = result.explanations[0].prompt_scores
+    assert [s.text for s in scores] == CHAT[0]["content"].split()
+    assert {s.message for s in scores} == {0}
+    assert result.target_boundary.aligned
+    top, second = sorted(scores, key=lambda s: s.score, reverse=True)[:2]
+    # Measured: 'burgers' +0.77, then 'and' +0.12: the answer's word in the message explains it.
+    assert top.text == "burgers" and top.score > 2 * second.score, f"top units {top}, {second}"
+    with pytest.raises(InvalidRequestError) as err:
+        smollm2_engine.explain(PROMPT, TARGET, messages=CHAT)
+    assert err.value.field == "messages"
+
+
+def test_smollm2_generate_then_explain_scores_the_generated_ids(smollm2_engine):
+    """Issue 12, item 3: with no target, the generated ids themselves are scored (the answer without
+    its end-of-turn token), after the prompt ids the engine ran."""
+    from vllm.inputs import TokensPrompt
+
+    result = smollm2_engine.explain(messages=CHAT, max_tokens=8, granularity="sentence")
+    request = smollm2_engine.explain_request(messages=CHAT)
+    prompt_ids = smollm2_engine.prompt_ids(request)
+    out = smollm2_engine.llm.generate([TokensPrompt(prompt_token_ids=list(prompt_ids))],
+                                      [smollm2_engine._greedy_params(8)], use_tqdm=False)[0]
+    generated = smollm2_engine.answer_ids(out.outputs[0].token_ids)
+    plan = smollm2_engine.plan(replace(request, target_token_ids=generated))
+    assert plan.jobs[0].token_ids == prompt_ids + generated  # exactly what the engine ran, then generated
+    assert result.target == smollm2_engine.tokenizer.decode(generated)
+    assert len(result.target_tokens) == len(generated)

@@ -37,6 +37,7 @@ CONTRACT_EXAMPLE = {
     "options": {"factor": 0.1, "mode": "log-additive", "kappa": None, "granularity": "token",
                 "target_granularity": "complete", "postprocessing": "none", "normalize": False},
     "stats": {"perturbations": 6, "forward_passes": 7, "computed_tokens": 49, "cached_tokens": 0, "elapsed_s": 0.41},
+    "target_boundary": {"aligned": True, "prompt_chars": 0, "note": ""},
 }
 
 

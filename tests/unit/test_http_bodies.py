@@ -53,8 +53,9 @@ def test_good_bodies_parse_and_validate_against_the_schema():
                                                           "normalize": True}}]
     for body in bodies:
         jsonschema.validate(body, explain_request_schema())
-        _, prompt, target, options = parse_explain_body(json.dumps(body).encode())
-        assert (prompt, target) == (BASE["prompt"], BASE["target"])
+        parsed = parse_explain_body(json.dumps(body).encode())
+        assert (parsed.prompt, parsed.target, parsed.messages) == (BASE["prompt"], BASE["target"], None)
+        options = parsed.options
     assert options.factor == 1.0 and isinstance(options.factor, float) and options.spans == ((0, 3),)
 
 

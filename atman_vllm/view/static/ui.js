@@ -72,7 +72,8 @@
   }
 
   function renderTop(exp) {
-    const rows = exp.prompt_scores.map((s) => ["prompt", s]).concat(exp.target_scores.map((s) => ["target", s]));
+    const rows = exp.prompt_scores.map((s) => [s.message === undefined ? "prompt" : `message ${s.message}`, s])
+      .concat(exp.target_scores.map((s) => ["target", s]));
     rows.sort((a, b) => b[1].score - a[1].score);
     const body = $("top").tBodies[0];
     body.replaceChildren();
@@ -111,7 +112,21 @@
     const exp = result.explanations[current];
     const scale = scaleOf(exp);
     [...$("targets").children].forEach((b, i) => b.setAttribute("aria-selected", String(i === current)));
-    heat($("heat-prompt"), result.prompt, exp.prompt_scores, scale, "prompt");
+    if (result.messages) {
+      // A chat: each message's content, its own scores (their spans index that content).
+      const promptEl = $("heat-prompt");
+      promptEl.replaceChildren();
+      result.messages.forEach((m, i) => {
+        const line = document.createElement("div"), label = document.createElement("b");
+        const content = document.createElement("span");
+        label.textContent = `${m.role}: `;
+        heat(content, m.content, exp.prompt_scores.filter((s) => s.message === i), scale, `message ${i}`);
+        line.append(label, content);
+        promptEl.append(line);
+      });
+    } else {
+      heat($("heat-prompt"), result.prompt, exp.prompt_scores, scale, "prompt");
+    }
     $("target-block").hidden = exp.target_scores.length === 0;
     heat($("heat-target"), result.target, exp.target_scores, scale, "target");
     $("legend-min").textContent = signed(-scale);
