@@ -21,7 +21,6 @@ from __future__ import annotations
 import asyncio
 import os
 import threading
-import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
@@ -228,16 +227,13 @@ class AtmanLLM(_AtmanEngineMixin, Explainer):
                 results[i] = fork_result(jobs[i], out)
         return results  # type: ignore[return-value]
 
-    def complete(self, prompt: str, max_tokens: int) -> str:
-        return self.generate([prompt], max_tokens=max_tokens)[0].text
-
-    def _generated_target(self, request: ExplainRequest, max_tokens: int) -> ExplainRequest:
-        """``request`` with the greedy completion of its prompt as target, scored as the generated ids."""
+    def generate_target_ids(self, request: ExplainRequest, max_tokens: int) -> tuple[int, ...]:
+        """The greedy completion of the request's prompt as ids (the engine's own, never re-tokenized)."""
         from vllm.inputs import TokensPrompt
 
         out = self.llm.generate([TokensPrompt(prompt_token_ids=list(self.prompt_ids(request)))],
                                 [self._greedy_params(max_tokens)], use_tqdm=False)[0]
-        return replace(request, target="", target_token_ids=self.answer_ids(out.outputs[0].token_ids))
+        return self.answer_ids(out.outputs[0].token_ids)
 
     def self_test(self) -> list[str]:
         """What is not in effect of the plugin's seams (empty: all are); see vllm/self_test.py."""
@@ -262,9 +258,7 @@ class AtmanLLM(_AtmanEngineMixin, Explainer):
 
         request = self.explain_request(prompt, target or "", make_options(options, **option_kwargs),
                                        messages=messages)
-        if target is None:
-            request = self._generated_target(request, max_tokens)
-        return self.explain_planned(request)
+        return self.explain_planned(request, generate_tokens=max_tokens if target is None else None)
 
     # -- generation ----------------------------------------------------------------
     def generate(self, prompts: str | Sequence[str], *, max_tokens: int = 64, temperature: float = 0.0,
@@ -352,15 +346,15 @@ class AsyncAtmanLLM(_AtmanEngineMixin):
         """Tokens of a request's prompt as the engine sees it (with BOS for a plain prompt), validating it."""
         return len(self.prompt_ids(request))
 
-    async def _generated_target(self, request: ExplainRequest, max_tokens: int, request_id: str) -> ExplainRequest:
-        """``request`` with the greedy completion of its prompt as target, scored as the generated ids."""
+    async def _generate_target_ids(self, request: ExplainRequest, max_tokens: int, request_id: str) -> tuple[int, ...]:
+        """The greedy completion of the request's prompt as ids (the engine's own, never re-tokenized)."""
         from vllm.inputs import TokensPrompt
 
         final = None
         async for out in self.engine.generate(TokensPrompt(prompt_token_ids=list(self.prompt_ids(request))),
                                               self._greedy_params(max_tokens), request_id=request_id):
             final = out
-        return replace(request, target="", target_token_ids=self.answer_ids(final.outputs[0].token_ids))
+        return self.answer_ids(final.outputs[0].token_ids)
 
     async def _run_fork(self, index: int, job: ForkJob, request_id: str) -> tuple[int, ForkResult]:
         from .vllm.forks import fork_cost, fork_request, fork_result
@@ -380,15 +374,20 @@ class AsyncAtmanLLM(_AtmanEngineMixin):
 
         Cancelling the awaiting task aborts every fork still running.
         """
+        from atman_vllm.core.steps import GenerateTarget, PlanRequest, explanation_steps, run_steps_async
+
         request_id = request_id or uuid.uuid4().hex
-        started = time.perf_counter()
-        if not request.target and request.target_token_ids is None:
-            request = await self._generated_target(request, max_tokens, f"{request_id}-gen")
-            plan = None
-        if plan is None:
-            plan = await self.plan_async(request)
-        results = await self._run_jobs(plan.jobs, request_id, on_progress)
-        return plan.finish(results, time.perf_counter() - started)
+        given = request
+
+        async def answer(step):
+            if isinstance(step, GenerateTarget):
+                return await self._generate_target_ids(step.request, step.max_tokens, f"{request_id}-gen")
+            if isinstance(step, PlanRequest):
+                # The caller's plan is for the request as given, not for one with a generated target.
+                return plan if plan is not None and step.request is given else await self.plan_async(step.request)
+            return await self._run_jobs(step.jobs, request_id, on_progress)
+
+        return await run_steps_async(explanation_steps(request, max_tokens), answer)
 
     async def _run_jobs(self, jobs: Sequence[ForkJob], request_id: str,
                         on_progress: Callable[[int, int], None] | None = None) -> list[ForkResult]:

@@ -88,20 +88,6 @@ def load_backend(name: str, model_dir: str, engine_args: dict | None = None) -> 
     return AtmanLLM(model=model_dir, **(engine_args or {}))
 
 
-def _generate_target(backend: Any, args: argparse.Namespace) -> str:
-    cannot = UsageError(f"--target: the {args.backend} backend cannot generate a target; pass --target")
-    complete = getattr(backend, "complete", None)
-    if complete is None:
-        raise cannot
-    try:
-        target = complete(args.prompt, args.max_tokens or DEFAULT_MAX_TOKENS)
-    except NotImplementedError:
-        raise cannot from None
-    if not target:
-        raise UsageError("--target: the model generated no text to explain; pass --target")
-    return target
-
-
 def run(args: argparse.Namespace) -> int:
     options = options_from_args(args)
     for name in ("prompt", "target"):
@@ -127,10 +113,9 @@ def run(args: argparse.Namespace) -> int:
         print(f"error: --backend {args.backend}: unavailable ({e})", file=sys.stderr)
         return 1
     try:
-        target = args.target
-        if target is None:
-            target = _generate_target(backend, args)
-        result = backend.explain(args.prompt, target, options)
+        # No --target: the greedy completion's own token ids are explained.
+        result = backend.explain(args.prompt, args.target, options,
+                                 max_tokens=args.max_tokens or DEFAULT_MAX_TOKENS)
     except InvalidRequestError as e:
         raise UsageError(f"{_option_name(e.field)}: {e.message}") from None
     finally:

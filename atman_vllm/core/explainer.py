@@ -20,6 +20,7 @@ from .jobs import ForkJob, ForkResult
 from .planning import ExplainPlan, plan_explanation
 from .requests import ExplainRequest
 from .results import ExplainResult
+from .steps import GenerateTarget, PlanRequest, Step, explanation_steps, run_steps
 from .tokens import Tokenizer
 
 
@@ -45,22 +46,31 @@ class Explainer(ABC):
         """Input-embedding rows [len(token_ids), d] for correlated suppression (kappa); None if unsupported."""
         return None
 
-    def complete(self, prompt: str, max_tokens: int) -> str:
-        """Greedy continuation of ``prompt`` (used when a caller gives no target)."""
+    def generate_target_ids(self, request: ExplainRequest, max_tokens: int) -> tuple[int, ...]:
+        """The token ids of the greedy continuation of the request's prompt (used when a caller
+        gives no target): explanations score these ids themselves."""
         raise NotImplementedError(f"{type(self).__name__} cannot generate a target")
 
     def plan(self, request: ExplainRequest) -> ExplainPlan:
         return plan_explanation(request, self.tokenizer, self.embedding_rows)
 
-    def explain(self, prompt: str, target: str, options: ExplainOptions | None = None, **option_kwargs) -> ExplainResult:
-        return self.explain_planned(ExplainRequest(prompt, target, make_options(options, **option_kwargs)))
+    def explain(self, prompt: str, target: str | None, options: ExplainOptions | None = None, *,
+                max_tokens: int = 32, **option_kwargs) -> ExplainResult:
+        """Explain ``target`` after ``prompt``; ``target=None``: the greedy completion of up to
+        ``max_tokens`` tokens, scored as the generated ids."""
+        request = ExplainRequest(prompt, target or "", make_options(options, **option_kwargs))
+        return self.explain_planned(request, generate_tokens=max_tokens if target is None else None)
 
-    def explain_planned(self, request: ExplainRequest) -> ExplainResult:
-        """Plan ``request``, run its jobs, score them (the one path every ``explain`` takes)."""
-        started = time.perf_counter()
-        plan = self.plan(request)
-        results = self.run_jobs(plan.jobs)
-        return plan.finish(results, time.perf_counter() - started)
+    def explain_planned(self, request: ExplainRequest, *, generate_tokens: int | None = None) -> ExplainResult:
+        """The one path every ``explain`` takes: ``core.steps.explanation_steps``, answered here."""
+        return run_steps(explanation_steps(request, generate_tokens), self.answer_step)
+
+    def answer_step(self, step: Step):
+        if isinstance(step, GenerateTarget):
+            return self.generate_target_ids(step.request, step.max_tokens)
+        if isinstance(step, PlanRequest):
+            return self.plan(step.request)
+        return self.run_jobs(step.jobs)
 
     def explain_many(self, requests: Sequence[ExplainRequest]) -> list[ExplainResult]:
         """Plan all requests (any invalid one fails before anything runs), run every job in one

@@ -21,7 +21,7 @@ scoring are written once.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Generator
+from collections.abc import Awaitable, Callable, Generator
 from dataclasses import dataclass, replace
 from typing import Any, TypeVar, Union
 
@@ -51,11 +51,12 @@ T = TypeVar("T")
 Steps = Generator[Step, Any, T]
 
 
-def explanation_steps(request: ExplainRequest, max_tokens: int = 32) -> Steps[ExplainResult]:
-    """Explain ``request``; with no target (and no target ids), the greedy completion of its prompt."""
+def explanation_steps(request: ExplainRequest, generate_tokens: int | None = None) -> Steps[ExplainResult]:
+    """Explain ``request``. With ``generate_tokens`` and no target (nor target ids), explain the
+    greedy completion of up to that many tokens instead; without it an empty target is an error."""
     started = time.perf_counter()
-    if not request.target and request.target_token_ids is None:
-        generated = yield GenerateTarget(request, max_tokens)
+    if generate_tokens is not None and not request.target and request.target_token_ids is None:
+        generated = yield GenerateTarget(request, generate_tokens)
         request = replace(request, target="", target_token_ids=tuple(generated))
     plan = yield PlanRequest(request)
     results = yield RunForks(tuple(plan.jobs))
@@ -70,5 +71,15 @@ def run_steps(steps: Steps[T], answer: Callable[[Step], Any]) -> T:
         step = next(steps)
         while True:
             step = steps.send(answer(step))
+    except StopIteration as done:
+        return done.value
+
+
+async def run_steps_async(steps: Steps[T], answer: Callable[[Step], Awaitable[Any]]) -> T:
+    """``run_steps`` with an async ``answer``: the same steps, in the same order."""
+    try:
+        step = next(steps)
+        while True:
+            step = steps.send(await answer(step))
     except StopIteration as done:
         return done.value

@@ -16,7 +16,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
-from atman_vllm.core import Explainer, ForkJob, ForkResult, HFTokenizer, KeyBias, Tokenizer
+from atman_vllm.core import ExplainRequest, Explainer, ForkJob, ForkResult, HFTokenizer, KeyBias, Tokenizer
 from atman_vllm.core.tokens import encode_prompt
 from atman_vllm.kernels.key_bias import KeyBiasCSR
 
@@ -106,9 +106,9 @@ class ReferenceExplainer(Explainer):
         weight = self.model.get_input_embeddings().weight
         return weight.detach()[torch.tensor(list(token_ids), dtype=torch.long)].double().numpy()
 
-    def complete(self, prompt: str, max_tokens: int) -> str:
-        """Greedy continuation, stopping at EOS (not included)."""
-        ids = list(encode_prompt(self.tokenizer, prompt).token_ids)
+    def generate_target_ids(self, request: ExplainRequest, max_tokens: int) -> tuple[int, ...]:
+        """Greedy continuation of the request's prompt, stopping at EOS (not included)."""
+        ids = list(encode_prompt(self.tokenizer, request.prompt, add_bos=request.chat is None).token_ids)
         eos = getattr(self.model.generation_config, "eos_token_id", None)
         eos_ids = set(eos if isinstance(eos, list) else [eos]) - {None}
         generated: list[int] = []
@@ -117,4 +117,4 @@ class ReferenceExplainer(Explainer):
             if next_id in eos_ids:
                 break
             generated.append(next_id)
-        return self.tokenizer.decode(generated)
+        return tuple(generated)

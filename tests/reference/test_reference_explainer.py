@@ -161,9 +161,11 @@ def test_embedding_rows_and_kappa(reference_explainers):
     assert abs(a.score - b.score) > tolerance(torch.float32, _ce_scale(without)), (a.score, b.score)
 
 
-def test_complete_is_greedy(reference_explainers):
+def test_generated_target_is_greedy(reference_explainers):
+    from atman_vllm.core import ExplainRequest
+
     explainer = reference_explainers["gpt_neox"]
-    text = explainer.complete("The capital of France is", max_tokens=4)
+    generated = explainer.generate_target_ids(ExplainRequest("The capital of France is", ""), max_tokens=4)
     ids = _ids(explainer, "The capital of France is")
     prompt_length = len(ids)
     for _ in range(4):
@@ -171,4 +173,4 @@ def test_complete_is_greedy(reference_explainers):
         if next_id == explainer.tokenizer.tok.eos_token_id:
             break
         ids.append(next_id)
-    assert text == explainer.tokenizer.decode(ids[prompt_length:])
+    assert list(generated) == ids[prompt_length:]
