@@ -237,17 +237,20 @@ class AtmanLLM(_AtmanEngineMixin, Explainer):
 
     def self_test(self) -> list[str]:
         """What is not in effect of the plugin's seams (empty: all are); see vllm/self_test.py."""
-        from .vllm.self_test import decode_failures, fork_failures
+        from atman_vllm.core.steps import run_steps
 
-        plan = self._self_test_plan()
+        from .vllm.self_test import SteeredDecode, self_test_steps
+
+        def answer(step):
+            if isinstance(step, SteeredDecode):
+                prompt, params = self._steered_decode_request(step.plan)
+                return self._second_token(self.llm.generate([prompt], [params], use_tqdm=False)[0])
+            return self.run_jobs(step.jobs)
+
         try:
-            failures = fork_failures(plan, self.run_jobs(plan.forks))
-            prompt, params = self._steered_decode_request(plan)
-            ids, logprob = self._second_token(self.llm.generate([prompt], [params], use_tqdm=False)[0])
-            biased, plain = self.run_jobs(plan.decode_forks(ids))
+            return run_steps(self_test_steps(self._self_test_plan()), answer)
         except RuntimeError as exc:  # e.g. no target scores at all: the runner hooks are missing
             return [f"the self-test's requests failed: {exc}"]
-        return failures + decode_failures(logprob, biased, plain)
 
     def explain(self, prompt: str | None = None, target: str | None = None, options=None, *, messages=None,
                 max_tokens: int = 32, **option_kwargs) -> ExplainResult:
@@ -412,21 +415,26 @@ class AsyncAtmanLLM(_AtmanEngineMixin):
 
     async def self_test(self) -> list[str]:
         """What is not in effect of the plugin's seams (empty: all are); see vllm/self_test.py."""
-        from .vllm.self_test import decode_failures, fork_failures
+        from atman_vllm.core.steps import run_steps_async
 
-        plan = self._self_test_plan()
+        from .vllm.self_test import SteeredDecode, self_test_steps
+
         request_id = f"atman-self-test-{uuid.uuid4().hex[:8]}"
+        waves = iter(("forks", "decode"))
+
+        async def answer(step):
+            if isinstance(step, SteeredDecode):
+                final = None
+                async for out in self.engine.generate(*self._steered_decode_request(step.plan),
+                                                      request_id=f"{request_id}-steer"):
+                    final = out
+                return self._second_token(final)
+            return await self._run_jobs(step.jobs, f"{request_id}-{next(waves)}")
+
         try:
-            failures = fork_failures(plan, await self._run_jobs(plan.forks, request_id))
-            prompt, params = self._steered_decode_request(plan)
-            final = None
-            async for out in self.engine.generate(prompt, params, request_id=f"{request_id}-steer"):
-                final = out
-            ids, logprob = self._second_token(final)
-            biased, plain = await self._run_jobs(plan.decode_forks(ids), f"{request_id}-decode")
+            return await run_steps_async(self_test_steps(self._self_test_plan()), answer)
         except RuntimeError as exc:  # e.g. no target scores at all: the runner hooks are missing
             return [f"the self-test's requests failed: {exc}"]
-        return failures + decode_failures(logprob, biased, plain)
 
     async def generate(self, prompt: str, *, max_tokens: int = 64, temperature: float = 0.0, seed: int | None = None,
                        controls: Sequence[Control] = (), control_mode: Mode | str = Mode.LOG_ADDITIVE,

@@ -15,8 +15,8 @@ answer the front end knows:
   second token (a decode step) equals the cross-entropy that the prefill path
   gives the same token under the same bias, and differs from the unsteered one.
 
-The drivers (sync and async) live in ``atman_vllm.api``; the plan and the
-checks are here, once.
+The plan, the order of the requests and the checks are here, once, as steps
+(``self_test_steps``) that the sync and async APIs answer (``atman_vllm.api``).
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ import random
 from dataclasses import dataclass
 
 from atman_vllm.core.jobs import ForkJob, ForkResult, KeyBias
+from atman_vllm.core.steps import RunForks, Steps
 
 TEXT = "The quick brown fox jumps over the lazy dog while the cat sleeps in the warm sun. "
 TARGET_TOKENS = 2
@@ -61,6 +62,23 @@ def self_test_plan(tokenizer, block_size: int, prefix_caching: bool) -> SelfTest
         ids += tokenizer.encode(TEXT)[0]
     return SelfTestPlan(tuple(ids[: 2 * block_size + TARGET_TOKENS]), block_size, prefix_caching,
                         factor=round(random.uniform(0.05, 0.2), 6))
+
+
+@dataclass(frozen=True)
+class SteeredDecode:
+    """Step: generate two greedy tokens under ``plan.bias`` (the second from a decode step); answer with
+    the generated ids and the second token's log-probability."""
+
+    plan: SelfTestPlan
+
+
+def self_test_steps(plan: SelfTestPlan) -> Steps[list[str]]:
+    """What is not in effect (empty: every seam is). A RuntimeError from a step (e.g. no target
+    scores at all: the runner hooks are missing) is the driver's to report."""
+    failures = fork_failures(plan, (yield RunForks(tuple(plan.forks))))
+    ids, logprob = yield SteeredDecode(plan)
+    biased, plain = yield RunForks(tuple(plan.decode_forks(ids)))
+    return failures + decode_failures(logprob, biased, plain)
 
 
 def fork_failures(plan: SelfTestPlan, results: list[ForkResult]) -> list[str]:
