@@ -30,7 +30,7 @@ import random
 from dataclasses import dataclass
 from typing import Sequence
 
-from .tasks import CITIES, JOBS, NAMES, PETS, RELATIONS, QAExample, Relation, generate_document, without_evidence
+from .tasks import CITIES, NAMES, RELATIONS, QAExample, Relation, generate_document, without_evidence
 
 # --------------------------------------------------------------------------- facts, as completions
 
