@@ -100,7 +100,7 @@ def test_attnlrp_rules_change_gradients_only_and_are_undone(hf, selections):
         with torch.enable_grad():
             out = hf.model(inputs_embeds=x).logits[0, -2].max()
             out.backward()
-        return float(out), x.grad.clone()
+        return float(out.detach()), x.grad.clone()
 
     plain_value, plain_grad = logits_and_grad()
     with _AttnLRPRules(hf.model):
