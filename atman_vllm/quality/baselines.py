@@ -21,8 +21,27 @@ for the target, as in AtMan's sign convention.
   0.5·I`` (rows renormalised), multiplied through the layers; the rows that
   predict the target.
 - ``random``: a uniform random score per unit (seeded per example): chance level.
+- ``attnlrp`` (Achtibat et al. 2024, AttnLRP): layer-wise relevance of the
+  target logits, computed as gradient × input with the paper's rules as
+  gradient modifications: identity rule through RMSNorm's scale and the
+  MLP's activation, uniform rule (÷2) through the MLP's gate product and
+  through the two matmuls of attention (query and key ÷4, value ÷2). Llama
+  models only. The ``lxt`` package (2.1) implements the same but cannot run
+  with the transformers here (docs/quality.md says why).
+- ``ablation-sentence`` (sentence units only): Captum ``FeatureAblation`` with
+  one feature per unit: each sentence's tokens replaced by the pad token
+  together; score = drop of log p(target). Leave-one-out at the unit level.
+- ``contextcite`` / ``contextcite-matched`` (sentence units only; Cohen-Wang
+  et al. 2024): ``CONTEXTCITE_ABLATIONS`` (resp. as many as AtMan's forward
+  passes on the example) random ablations, each keeping a context sentence
+  with probability 1/2 and deleting the others from the prompt text; the
+  target's log-odds per ablation; a Lasso (alpha 0.01, standardised masks) of
+  log-odds on the masks; the weights are the scores. That is the
+  ``context-cite`` package's algorithm and defaults (but its ablation count
+  is 64), which cannot run here itself (docs/quality.md).
 
-The gradient methods need ``captum`` (the ``bench`` extra).
+The gradient methods need ``captum`` (the ``bench`` extra); ContextCite's
+surrogate needs ``scikit-learn`` (also ``bench``).
 
 Cost is counted with hooks on the model: a *forward pass* is one sequence
 through the final norm (a batch of b sequences counts b), a *backward pass*
@@ -34,8 +53,10 @@ resident set before it: the extra memory the method needed, model excluded.
 
 from __future__ import annotations
 
+import functools
 import re
 import time
+import types
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
@@ -48,6 +69,9 @@ from .tasks import QAExample
 
 IG_STEPS = 32
 IG_BATCH = 32
+CONTEXTCITE_ABLATIONS = 32
+CONTEXTCITE_KEEP = 0.5  # keep probability of a sentence per ablation (the package's ``ablation_keep_prob``)
+CONTEXTCITE_ALPHA = 0.01  # the package's Lasso alpha
 
 
 # --------------------------------------------------------------------------- examples and units
@@ -170,13 +194,14 @@ class PassCounter:
 class HFModel:
     """The model under explanation, on plain transformers (eager attention: weights visible)."""
 
-    def __init__(self, model_dir: str | Path, threads: int | None = None):
+    def __init__(self, model_dir: str | Path, threads: int | None = None, ig_steps: int = IG_STEPS):
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         if threads:
             torch.set_num_threads(threads)
         self.model_dir = str(model_dir)
+        self.ig_steps = ig_steps  # integrated gradients' steps: its cost knob on a larger model
         self.model = AutoModelForCausalLM.from_pretrained(
             self.model_dir, dtype=torch.float32, attn_implementation="eager").eval()
         for p in self.model.parameters():
@@ -202,15 +227,26 @@ class HFModel:
 
 @dataclass
 class Baseline:
-    """A token-scoring method; ``token_scores`` returns scores indexed by absolute position."""
+    """A scoring method.
+
+    Token-level methods (``_fn``) return scores indexed by absolute position,
+    summed into every granularity's units. Unit-level methods (``_unit_fn``)
+    score the units of one granularity directly and run only for
+    ``granularities``.
+    """
 
     name: str
     needs_captum: bool = False
     description: str = ""
     _fn: Callable | None = field(default=None, repr=False)
+    _unit_fn: Callable | None = field(default=None, repr=False)
+    granularities: tuple[str, ...] = ("token", "sentence")
 
     def token_scores(self, hf: HFModel, ex: PreparedExample) -> np.ndarray:
         return self._fn(hf, ex)
+
+    def unit_scores(self, hf: HFModel, ex: PreparedExample, granularity: str) -> np.ndarray:
+        return self._unit_fn(hf, ex, granularity)
 
 
 def _captum_input(hf: HFModel, ex: PreparedExample):
@@ -254,7 +290,7 @@ def _integrated_gradients(hf: HFModel, ex: PreparedExample) -> np.ndarray:
 
     method = LLMGradientAttribution(LayerIntegratedGradients(hf.model, hf.model.get_input_embeddings()), hf.hf_tokenizer)
     inp, target = _captum_input(hf, ex)
-    res = method.attribute(inp, target=target, n_steps=IG_STEPS, internal_batch_size=IG_BATCH)
+    res = method.attribute(inp, target=target, n_steps=hf.ig_steps, internal_batch_size=IG_BATCH)
     return _scatter_prompt(ex, res.seq_attr)
 
 
@@ -300,6 +336,210 @@ def _attention_rollout(hf: HFModel, ex: PreparedExample) -> np.ndarray:
     return rollout[_target_rows(ex)].mean(0).numpy()
 
 
+# --------------------------------------------------------------------------- AttnLRP
+
+
+@functools.cache
+def _identity_rule_fn():
+    """Autograd function: forward ``fn(x)``, backward as if ``fn`` were the linear map x -> (fn(x)/x)·x.
+
+    In gradient × input form this passes each element's relevance straight
+    through an element-wise non-linearity (AttnLRP's identity rule).
+    """
+    import torch
+
+    class IdentityRule(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, fn, inp):
+            out = fn(inp)
+            ctx.save_for_backward(out / (inp + torch.where(inp >= 0, 1e-10, -1e-10)))
+            return out
+
+        @staticmethod
+        def backward(ctx, grad):
+            (ratio,) = ctx.saved_tensors
+            return None, grad * ratio
+
+    return IdentityRule
+
+
+def _scale_grad(x, factor: float):
+    """Identity forward; gradient divided by ``factor`` (AttnLRP's uniform rule for a product of inputs)."""
+    return x.detach() + (x - x.detach()) / factor  # value x, d/dx = 1/factor
+
+
+class _AttnLRPRules:
+    """Context manager: the model's Llama modules run with AttnLRP's gradient rules (forward values unchanged)."""
+
+    def __init__(self, model):
+        self.model = model
+
+    def __enter__(self):
+        from transformers.models.llama import modeling_llama as ml
+
+        self._saved = []
+        for mod in self.model.modules():
+            if isinstance(mod, ml.LlamaRMSNorm):
+                self._patch(mod, _lrp_rms_norm)
+            elif isinstance(mod, ml.LlamaMLP):
+                self._patch(mod, _lrp_mlp)
+        if not any(isinstance(m, ml.LlamaMLP) for m in self.model.modules()):
+            self.__exit__()
+            raise ValueError("attnlrp: only Llama models (transformers LlamaForCausalLM) are supported")
+        self._ml, self._eager = ml, ml.eager_attention_forward
+        eager = self._eager
+
+        def attention(module, query, key, value, *args, **kwargs):
+            # softmax(q k^T) v: q and k each share the q k^T product (÷2) and the
+            # product with v (÷2); v shares the second product only.
+            return eager(module, _scale_grad(query, 4.0), _scale_grad(key, 4.0), _scale_grad(value, 2.0),
+                         *args, **kwargs)
+
+        ml.eager_attention_forward = attention  # looked up per call by LlamaAttention.forward
+        return self
+
+    def _patch(self, mod, fn):
+        self._saved.append(mod)
+        mod.forward = types.MethodType(fn, mod)  # this instance only; the class stays as it is
+
+    def __exit__(self, *exc):
+        for mod in self._saved:
+            del mod.forward  # back to the class's forward
+        self._saved = []
+        if hasattr(self, "_eager"):
+            self._ml.eager_attention_forward = self._eager
+
+
+def _lrp_rms_norm(self, hidden_states):
+    import torch
+
+    dtype = hidden_states.dtype
+    h = hidden_states.to(torch.float32)
+    # Identity rule: the normalising factor is treated as a constant.
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.variance_epsilon).detach()
+    return self.weight * h.to(dtype)
+
+
+def _lrp_mlp(self, x):
+    gate = _identity_rule_fn().apply(self.act_fn, self.gate_proj(x))
+    return self.down_proj(_scale_grad(gate * self.up_proj(x), 2.0))
+
+
+def _attnlrp(hf: HFModel, ex: PreparedExample) -> np.ndarray:
+    import torch
+
+    ids = torch.tensor([list(ex.encoded.token_ids)])
+    t0 = ex.encoded.target_start
+    emb = hf.model.get_input_embeddings()(ids).detach().requires_grad_(True)
+    with _AttnLRPRules(hf.model), torch.enable_grad():
+        logits = hf.model(inputs_embeds=emb).logits[0]
+        # Relevance of the target tokens' logits (LRP explains a logit, not a probability).
+        rows = torch.arange(t0 - 1, ids.shape[1] - 1)
+        logits[rows, ids[0, t0:]].sum().backward()
+    return (emb.grad[0] * emb[0]).sum(-1).detach().double().numpy()
+
+
+# --------------------------------------------------------------------------- unit-level methods
+
+
+def _all_prompt_units(ex: PreparedExample, granularity: str) -> tuple[Unit, ...]:
+    units, _ = segment_prompt(ex.example.prompt, ex.encoded.prompt_offsets, ex.encoded.prompt_start,
+                              ExplainOptions(granularity=Granularity(granularity)).validated())
+    return tuple(units)
+
+
+def _ablation_units(hf: HFModel, ex: PreparedExample, granularity: str) -> np.ndarray:
+    import torch
+    from captum.attr import FeatureAblation
+
+    enc = ex.encoded
+    t0 = enc.target_start
+    target = torch.tensor(list(enc.token_ids[t0:]))
+
+    def logprob(prompt_ids):  # [B, t0] -> [B]
+        ids = torch.cat([prompt_ids, target.expand(prompt_ids.shape[0], -1)], 1)
+        with torch.no_grad():
+            logp = torch.log_softmax(hf.model(input_ids=ids).logits[:, t0 - 1:-1].double(), -1)
+        return logp.gather(-1, ids[:, t0:, None])[..., 0].sum(-1)
+
+    units = ex.units[granularity]
+    # One feature per context unit; every other prompt position in one extra
+    # feature (Captum ablates every feature; its score is ignored).
+    mask = torch.full((1, t0), len(units), dtype=torch.long)
+    for i, u in enumerate(units):
+        mask[0, list(u.positions)] = i
+    attr = FeatureAblation(logprob).attribute(torch.tensor([list(enc.token_ids[:t0])]),
+                                              baselines=int(hf.pad_id), feature_mask=mask,
+                                              perturbations_per_eval=8)
+    return np.array([float(attr[0, u.positions[0]]) for u in units])
+
+
+def _ablated_prompt(prompt: str, units: Sequence[Unit], keep: np.ndarray) -> str:
+    """The prompt with the dropped units' text (and the whitespace after each) deleted."""
+    out, pos = [], 0
+    for u, k in zip(units, keep):
+        if k:
+            continue
+        out.append(prompt[pos:u.start])
+        pos = u.start + u.length
+        while pos < len(prompt) and prompt[pos].isspace():
+            pos += 1
+    out.append(prompt[pos:])
+    return "".join(out)
+
+
+def _target_logprobs(hf: HFModel, prompts: Sequence[str], target: str, batch: int = 16) -> np.ndarray:
+    """log p(target | prompt) for each prompt, right-padded batches (causal: padding after a row is unseen)."""
+    import torch
+
+    from atman_vllm.core import encode_input
+
+    encs = [encode_input(hf.tokenizer, p, target) for p in prompts]
+    out = []
+    for i in range(0, len(encs), batch):
+        chunk = encs[i:i + batch]
+        width = max(len(e.token_ids) for e in chunk)
+        ids = torch.full((len(chunk), width), int(hf.pad_id), dtype=torch.long)
+        att = torch.zeros((len(chunk), width), dtype=torch.long)
+        for r, e in enumerate(chunk):
+            ids[r, :len(e.token_ids)] = torch.tensor(e.token_ids)
+            att[r, :len(e.token_ids)] = 1
+        with torch.no_grad():
+            logp = torch.log_softmax(hf.model(input_ids=ids, attention_mask=att).logits.double(), -1)
+        for r, e in enumerate(chunk):
+            pos = torch.arange(e.target_start - 1, len(e.token_ids) - 1)
+            out.append(float(logp[r, pos, ids[r, pos + 1]].sum()))
+    return np.array(out)
+
+
+def contextcite_scores(hf: HFModel, ex: PreparedExample, granularity: str, n_ablations: int,
+                       seed: int = 0) -> np.ndarray:
+    """ContextCite's surrogate weights for the example's context units (see the module docstring)."""
+    from sklearn.linear_model import Lasso
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    units = ex.units[granularity]
+    rng = np.random.default_rng([seed, ex.index])
+    masks = rng.random((n_ablations, len(units))) < CONTEXTCITE_KEEP
+    logp = _target_logprobs(hf, [_ablated_prompt(ex.example.prompt, units, m) for m in masks], ex.example.target)
+    # Log-odds of the whole target (the package's "logit_prob" output), kept finite when p -> 1.
+    log_odds = logp - np.log(np.maximum(-np.expm1(logp), 1e-300))
+    n_tokens = ex.length - ex.encoded.target_start
+    scaler, lasso = StandardScaler(), Lasso(alpha=CONTEXTCITE_ALPHA, random_state=0, fit_intercept=True)
+    make_pipeline(scaler, lasso).fit(masks.astype(np.float32), log_odds / n_tokens)
+    return lasso.coef_ / scaler.scale_ * n_tokens
+
+
+def _contextcite(hf: HFModel, ex: PreparedExample, granularity: str) -> np.ndarray:
+    return contextcite_scores(hf, ex, granularity, CONTEXTCITE_ABLATIONS)
+
+
+def _contextcite_matched(hf: HFModel, ex: PreparedExample, granularity: str) -> np.ndarray:
+    # AtMan's forward passes on this example: one per prompt unit plus the unperturbed run.
+    return contextcite_scores(hf, ex, granularity, len(_all_prompt_units(ex, granularity)) + 1)
+
+
 BASELINES: dict[str, Baseline] = {
     b.name: b for b in (
         Baseline("grad-x-input", True, "gradient x input (Captum)", _grad_x_input),
@@ -309,6 +549,13 @@ BASELINES: dict[str, Baseline] = {
         Baseline("attention-last", False, "last layer attention, mean over heads", _attention_last),
         Baseline("attention-rollout", False, "attention rollout (Abnar & Zuidema)", _attention_rollout),
         Baseline("random", False, "uniform random score per unit", None),
+        Baseline("attnlrp", False, "AttnLRP (gradient x input with the paper's rules), Llama", _attnlrp),
+        Baseline("ablation-sentence", True, "each sentence ablated to pad together (Captum FeatureAblation)",
+                 None, _ablation_units, ("sentence",)),
+        Baseline("contextcite", False, f"ContextCite, {CONTEXTCITE_ABLATIONS} random sentence ablations + Lasso",
+                 None, _contextcite, ("sentence",)),
+        Baseline("contextcite-matched", False, "ContextCite with as many ablations as AtMan's forward passes",
+                 None, _contextcite_matched, ("sentence",)),
     )
 }
 
@@ -332,6 +579,9 @@ def run_baseline(name: str, hf: HFModel, prepared: Sequence[PreparedExample], gr
     """Run one baseline on every example; token scores are computed once and reused per granularity."""
     if name not in BASELINES:
         raise ValueError(f"unknown baseline {name!r}; expected one of {', '.join(BASELINES)}")
+    method = BASELINES[name]
+    if method._unit_fn is not None:
+        granularities = [g for g in granularities if g in method.granularities]
     scores: dict[str, list[np.ndarray]] = {g: [] for g in granularities}
     cost = Cost(examples=len(prepared))
     counter = PassCounter(hf.model)
@@ -342,6 +592,9 @@ def run_baseline(name: str, hf: HFModel, prepared: Sequence[PreparedExample], gr
                 if name == "random":
                     for g in granularities:
                         scores[g].append(random_unit_scores(ex, g, seed))
+                elif method._unit_fn is not None:
+                    for g in granularities:
+                        scores[g].append(method.unit_scores(hf, ex, g))
                 else:
                     tok = BASELINES[name].token_scores(hf, ex)
                     for g in granularities:

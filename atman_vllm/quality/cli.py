@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
+from .baselines import BASELINES
 from .harness import DEFAULT_MODEL_DIR, GRANULARITIES, METHODS, evaluate, markdown_table, write_outputs
 from .tasks import DEMO_ASKS, generate_examples, load_squad
 
@@ -74,12 +75,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     else:
         examples = generate_examples(args.n, seed=args.seed, asks=tuple(args.asks))
         data_name = "facts"
-    needs_captum = {"grad-x-input", "integrated-gradients", "ablation"} & set(args.methods)
-    if needs_captum:
+    # The bench extra's packages, by the methods that need them.
+    needs = {"captum": {m for m in args.methods if m in BASELINES and BASELINES[m].needs_captum},
+             "sklearn": {m for m in args.methods if m.startswith("contextcite")}}
+    for module, methods in needs.items():
+        if not methods:
+            continue
         try:
-            import captum  # noqa: F401
+            __import__(module)
         except ImportError:
-            print(f"error: --methods {' '.join(sorted(needs_captum))} need captum "
+            print(f"error: --methods {' '.join(sorted(methods))} need {module} "
                   "(pip install 'atman-vllm[bench]')", file=sys.stderr)
             return 1
     report = evaluate(examples, model_dir=args.model, methods=args.methods, granularities=args.granularities,

@@ -178,15 +178,20 @@ def _score_rows(method: str, backend: str, granularity: str, prepared: Sequence[
 def evaluate(examples: Sequence[QAExample], *, model_dir: str | Path = DEFAULT_MODEL_DIR,
              methods: Sequence[str] = METHODS, granularities: Sequence[str] = GRANULARITIES,
              backend: str = "vllm", seed: int = 0, data_name: str = "facts",
-             progress: bool = True, explainer=None, threads: int | None = None) -> EvalReport:
-    """Run every method on ``examples`` and score it. ``explainer`` overrides the AtMan backend."""
+             progress: bool = True, explainer=None, threads: int | None = None,
+             hf: HFModel | None = None) -> EvalReport:
+    """Run every method on ``examples`` and score it.
+
+    ``explainer`` overrides the AtMan backend, ``hf`` the baselines' model
+    (both reusable across calls on the same model).
+    """
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
         raise ValueError(f"unknown method(s) {', '.join(unknown)}; expected some of {', '.join(METHODS)}")
     bad_g = [g for g in granularities if g not in GRANULARITIES]
     if bad_g:
         raise ValueError(f"unknown granularity {', '.join(bad_g)}; expected some of {', '.join(GRANULARITIES)}")
-    hf = HFModel(model_dir, threads=threads)
+    hf = hf or HFModel(model_dir, threads=threads)
     prepared = prepare(examples, hf.tokenizer, granularities)
     rows: list[MethodRow] = []
     unit_scores: dict[tuple[str, str], list[np.ndarray]] = {}
@@ -215,7 +220,7 @@ def evaluate(examples: Sequence[QAExample], *, model_dir: str | Path = DEFAULT_M
         for m in baseline_methods:
             bar.status(m)
             run = run_baseline(m, hf, prepared, granularities, on_example=lambda: bar.advance(1), seed=seed)
-            for g in granularities:
+            for g in run.scores:  # unit-level methods run only at their granularities
                 unit_scores[(m, g)] = run.scores[g]
                 rows.append(_score_rows(m, "transformers", g, prepared, run.scores[g], run.cost.per_example()))
     return EvalReport(str(model_dir), data_name, len(prepared), seed, rows, unit_scores, prepared, _environment(hf))

@@ -15,7 +15,10 @@ Two sources feed the same ``QAExample``:
   sources are scored against sentence-level evidence.
 
 The prompt format is the paper's (ATMAN_SPEC §8): ``"{context} Q: {question} A:"``
-with target ``" {answer}"``.
+with target ``" {answer}"`` (``form="qa"``). A pretrained LM that does not
+follow that format is asked by a natural completion instead (``form="cloze"``:
+``"{context} {question}"`` where the question is the start of a sentence the
+answer completes, e.g. ``"So, Otto plays the"``; atman_vllm/quality/lm_tasks.py).
 """
 
 from __future__ import annotations
@@ -29,6 +32,8 @@ from pathlib import Path
 from atman_vllm.core.units import sentence_spans  # the same sentences AtMan's sentence units are
 
 # --------------------------------------------------------------------------- data
+
+PROMPT_FORMS = ("qa", "cloze")
 
 
 @dataclass(frozen=True)
@@ -44,9 +49,18 @@ class QAExample:
     answer: str
     evidence_spans: tuple[tuple[int, int], ...]
     qtype: str
+    # "qa": "{context} Q: {question} A:" (the paper's); "cloze": "{context} {question}",
+    # the question being a sentence start the answer completes. The context starts the prompt in both.
+    form: str = "qa"
+
+    def __post_init__(self) -> None:
+        if self.form not in PROMPT_FORMS:
+            raise ValueError(f"form must be one of {', '.join(PROMPT_FORMS)}, not {self.form!r}")
 
     @property
     def prompt(self) -> str:
+        if self.form == "cloze":
+            return f"{self.context} {self.question}"
         return f"{self.context} Q: {self.question} A:"
 
     @property
@@ -75,12 +89,13 @@ class QAExample:
             "answer": self.answer,
             "evidence_spans": [list(s) for s in self.evidence_spans],
             "qtype": self.qtype,
+            "form": self.form,
         }
 
     @classmethod
     def from_dict(cls, d: dict) -> "QAExample":
         return cls(d["context"], d["question"], d["answer"],
-                   tuple((int(s), int(e)) for s, e in d["evidence_spans"]), d["qtype"])
+                   tuple((int(s), int(e)) for s, e in d["evidence_spans"]), d["qtype"], d.get("form", "qa"))
 
 
 def without_evidence(example: QAExample) -> QAExample:
@@ -95,7 +110,7 @@ def without_evidence(example: QAExample) -> QAExample:
         pos = e
     parts.append(example.context[pos:])
     context = re.sub(r"\s+", " ", "".join(parts)).strip()
-    return QAExample(context, example.question, example.answer, (), example.qtype)
+    return QAExample(context, example.question, example.answer, (), example.qtype, example.form)
 
 
 # --------------------------------------------------------------------------- synthetic task
