@@ -63,6 +63,9 @@ def _engine_kwargs(model: str, engine_args: dict) -> dict:
             if k == "kv_cache_memory_bytes" and os.environ.get("VLLM_CPU_KVCACHE_SPACE"):
                 continue
             kwargs.setdefault(k, v)
+        from .vllm.parallel import ensure_cpu_thread_binding
+
+        ensure_cpu_thread_binding(kwargs)  # TP/PP/DP > 1: vLLM's "auto" binding refuses on one NUMA node
     elif current_platform.is_cuda():
         kwargs.setdefault("attention_backend", "TRITON_ATTN")  # the backend the AtMan kernel extends
     return kwargs
@@ -154,16 +157,17 @@ class AtmanLLM(_AtmanEngineMixin, Explainer):
 
     # -- Explainer -----------------------------------------------------------------
     def run_jobs(self, jobs: Sequence[ForkJob]) -> list[ForkResult]:
-        from .vllm.forks import fork_request, fork_result, unperturbed_first
+        from .vllm.forks import fork_request, fork_result
+        from .vllm.parallel import fork_waves
 
         results: list[ForkResult | None] = [None] * len(jobs)
-        for wave in unperturbed_first(jobs):
+        for wave in fork_waves(jobs):  # one replica: vLLM's offline LLM has no data parallelism for dense models
             if not wave:
                 continue
-            requests = [fork_request(jobs[i]) for i in wave]
+            requests = [fork_request(jobs[r.job]) for r in wave]
             outputs = self.llm.generate([r.prompt for r in requests], [r.params for r in requests], use_tqdm=False)
-            for i, out in zip(wave, outputs):
-                results[i] = fork_result(jobs[i], out)
+            for r, out in zip(wave, outputs):
+                results[r.job] = fork_result(jobs[r.job], out)
         return results  # type: ignore[return-value]
 
     def complete(self, prompt: str, max_tokens: int) -> str:
@@ -248,6 +252,9 @@ class AsyncAtmanLLM(_AtmanEngineMixin):
         # loop nor anything else that uses asyncio's default executor.
         self._planner = ThreadPoolExecutor(max_workers=planning_threads, thread_name_prefix="atman-plan")
         self._plan_stops: set[threading.Event] = set()
+        # vLLM's data-parallel replicas (independent engine cores for a dense model behind this one
+        # AsyncLLM); one explanation's forks are spread over all of them (vllm/parallel.py).
+        self.replicas = self.vllm_config.parallel_config.data_parallel_size
         self._init_common(model_dir, engine.tokenizer, self.vllm_config.model_config.max_model_len)
 
     @classmethod
@@ -280,16 +287,16 @@ class AsyncAtmanLLM(_AtmanEngineMixin):
 
         return len(encode_prompt(self.tokenizer, prompt).token_ids)
 
-    async def _run_fork(self, index: int, job: ForkJob, request_id: str) -> tuple[int, ForkResult]:
+    async def _run_fork(self, run, job: ForkJob, request_id: str):
         from .vllm.forks import fork_cost, fork_request, fork_result
 
         req = fork_request(job)
         final = None
         async with self.fork_budget.hold(fork_cost(job, self.vllm_config.cache_config.block_size)):
             async for out in self.engine.generate(req.prompt, req.params, request_id=request_id,
-                                                  priority=self.explain_priority):
+                                                  priority=self.explain_priority, data_parallel_rank=run.replica):
                 final = out
-        return index, fork_result(job, final)
+        return run, fork_result(job, final)
 
     async def explain(self, request: ExplainRequest, *, plan=None, request_id: str | None = None,
                       on_progress: Callable[[int, int], None] | None = None, max_tokens: int = 32) -> ExplainResult:
@@ -315,16 +322,24 @@ class AsyncAtmanLLM(_AtmanEngineMixin):
 
     async def _run_jobs(self, jobs: Sequence[ForkJob], request_id: str,
                         on_progress: Callable[[int, int], None] | None = None) -> list[ForkResult]:
-        """Every job, the unperturbed ones first; cancelling aborts every fork still running."""
-        from .vllm.forks import unperturbed_first
+        """Every job, the unperturbed ones first, each on its data-parallel replica (``fork_waves``);
+        cancelling aborts every fork still running."""
+        from .vllm.parallel import fork_waves
 
         results: list[ForkResult | None] = [None] * len(jobs)
+        warmups: list[ForkResult] = []  # the unperturbed pass repeated on further replicas
         done = 0
-        for wave in unperturbed_first(jobs):
-            tasks = [asyncio.ensure_future(self._run_fork(i, jobs[i], f"{request_id}-{i}")) for i in wave]
+        for wave in fork_waves(jobs, self.replicas, self.vllm_config.cache_config.block_size):
+            tasks = [asyncio.ensure_future(self._run_fork(run, jobs[run.job], f"{request_id}-{run.job}"
+                                                          + ("" if run.primary else f"-r{run.replica}")))
+                     for run in wave]
             try:
                 for fut in asyncio.as_completed(tasks):
-                    i, results[i] = await fut
+                    run, result = await fut
+                    if not run.primary:
+                        warmups.append(result)
+                        continue
+                    results[run.job] = result
                     done += 1
                     if on_progress is not None:
                         on_progress(done, len(jobs))
@@ -332,6 +347,11 @@ class AsyncAtmanLLM(_AtmanEngineMixin):
                 for t in tasks:
                     t.cancel()
                 await asyncio.gather(*tasks, return_exceptions=True)
+        if warmups:  # their cost is the explanation's too: reported with the unperturbed job's
+            first = next(i for i, j in enumerate(jobs) if j.bias is None)
+            results[first] = replace(results[first],
+                                     computed_tokens=results[first].computed_tokens + sum(w.computed_tokens for w in warmups),
+                                     cached_tokens=results[first].cached_tokens + sum(w.cached_tokens for w in warmups))
         return results  # type: ignore[return-value]
 
     async def self_test(self) -> list[str]:
@@ -370,7 +390,11 @@ class AsyncAtmanLLM(_AtmanEngineMixin):
             yield GenerationDelta(c.text, tuple(c.token_ids), out.finished, c.finish_reason, text)
 
     async def kv_block_stats(self) -> dict:
-        return await self.engine.engine_core.call_utility_async("atman_kv_block_stats")
+        """Engine-side KV blocks, summed over the data-parallel replicas."""
+        if self.replicas == 1:
+            return await self.engine.engine_core.call_utility_async("atman_kv_block_stats")
+        stats = await self.engine.engine_core.call_utility_all_async("atman_kv_block_stats")
+        return {k: sum(s[k] for s in stats) for k in stats[0]}
 
     async def num_free_kv_blocks(self) -> int:
         return (await self.kv_block_stats())["free"]
