@@ -63,9 +63,6 @@ def _engine_kwargs(model: str, engine_args: dict) -> dict:
             if k == "kv_cache_memory_bytes" and os.environ.get("VLLM_CPU_KVCACHE_SPACE"):
                 continue
             kwargs.setdefault(k, v)
-        from .vllm.parallel import ensure_cpu_thread_binding
-
-        ensure_cpu_thread_binding(kwargs)  # TP/PP/DP > 1: vLLM's "auto" binding refuses on one NUMA node
     elif current_platform.is_cuda():
         kwargs.setdefault("attention_backend", "TRITON_ATTN")  # the backend the AtMan kernel extends
     return kwargs
@@ -149,8 +146,12 @@ class AtmanLLM(_AtmanEngineMixin, Explainer):
 
         from .models.registry import resolve_model
 
+        from .vllm.parallel import cpu_thread_binding
+
         model = resolve_model(model)  # a prepared model's name ("smollm2-135m-instruct") -> its directory
-        self.llm = LLM(**_engine_kwargs(model, engine_args))
+        kwargs = _engine_kwargs(model, engine_args)
+        with cpu_thread_binding(kwargs):  # TP/PP > 1 on CPU: vLLM's "auto" binding refuses on one NUMA node
+            self.llm = LLM(**kwargs)
         self.vllm_config = self.llm.llm_engine.vllm_config
         config = self.vllm_config.model_config
         self._init_common(model, self.llm.get_tokenizer(), config.max_model_len)
@@ -264,7 +265,11 @@ class AsyncAtmanLLM(_AtmanEngineMixin):
         from vllm.engine.arg_utils import AsyncEngineArgs
         from vllm.v1.engine.async_llm import AsyncLLM
 
-        engine = AsyncLLM.from_engine_args(AsyncEngineArgs(**_engine_kwargs(model, engine_args)))
+        from .vllm.parallel import cpu_thread_binding
+
+        kwargs = _engine_kwargs(model, engine_args)
+        with cpu_thread_binding(kwargs):  # TP/PP/DP > 1 on CPU: vLLM's "auto" binding refuses on one NUMA node
+            engine = AsyncLLM.from_engine_args(AsyncEngineArgs(**kwargs))
         return cls(engine, model, explain_priority=explain_priority, planning_threads=planning_threads,
                    fork_tokens_in_flight=fork_tokens_in_flight)
 

@@ -6,10 +6,11 @@ Two things vLLM does not decide for an explanation:
   pipeline or data parallel), vLLM's default ``VLLM_CPU_OMP_THREADS_BIND=auto``
   binds rank N to NUMA node N and refuses when there are fewer nodes than ranks
   (a one-socket machine with TP=2). When the user set no binding,
-  ``ensure_cpu_thread_binding`` gives each local rank its own contiguous range
+  ``cpu_thread_binding`` gives each local rank its own contiguous range
   of the cores this process may use ("0|1" for two ranks on two cores) and logs
-  it. vLLM reads the variable in the engine and worker processes it starts,
-  which inherit this process's environment (docs/vllm_touchpoints.md, 13).
+  it, while the engine starts: vLLM reads the variable in the engine and worker
+  processes it spawns, which inherit this process's environment
+  (docs/vllm_touchpoints.md).
 - **Replica assignment.** ``fork_waves`` spreads an explanation's fork
   jobs over ``data_parallel_size`` replicas so that each replica runs the
   unperturbed pass once and a contiguous range of forks: forks ordered by their
@@ -22,8 +23,9 @@ from __future__ import annotations
 
 import logging
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Iterator, Sequence
 
 from atman_vllm.core import ForkJob
 
@@ -46,7 +48,7 @@ def _cpu_range(cpus: Sequence[int]) -> str:
     return ",".join(str(c) for c in cpus)
 
 
-def cpu_thread_binding(ranks: int, cpus: Sequence[int]) -> str:
+def cpu_thread_binding_for(ranks: int, cpus: Sequence[int]) -> str:
     """One contiguous share of ``cpus`` per rank, "|"-separated: (2, [0, 1]) -> "0|1".
 
     With fewer cores than ranks, ranks share cores round-robin (slow, but it runs).
@@ -65,16 +67,26 @@ def cpu_thread_binding(ranks: int, cpus: Sequence[int]) -> str:
     return "|".join(shares)
 
 
-def ensure_cpu_thread_binding(engine_kwargs: dict) -> str | None:
-    """On CPU with more than one rank and no binding set: set one per rank (logged); returns what was set."""
+@contextmanager
+def cpu_thread_binding(engine_kwargs: dict) -> Iterator[str | None]:
+    """While an engine starts: on CPU with more than one rank and no binding set, one core range per
+    rank (logged); yields what was set. The variable is restored afterwards: vLLM reads it in the
+    processes it spawns while the engine starts, and a later engine of another size in this process
+    must not inherit a binding for the wrong number of ranks (vLLM asserts the count)."""
+    from vllm.platforms import current_platform
+
     ranks = local_ranks(engine_kwargs)
-    if ranks <= 1 or os.environ.get(BIND_ENV):
-        return None
-    binding = cpu_thread_binding(ranks, sorted(os.sched_getaffinity(0)))
-    os.environ[BIND_ENV] = binding
+    if ranks <= 1 or os.environ.get(BIND_ENV) or not current_platform.is_cpu():
+        yield None
+        return
+    binding = cpu_thread_binding_for(ranks, sorted(os.sched_getaffinity(0)))
     log.warning("atman: %s was not set; %d CPU ranks bound as %s=%r (vLLM's 'auto' wants one NUMA node per "
                 "rank). Set it yourself to choose another binding.", BIND_ENV, ranks, BIND_ENV, binding)
-    return binding
+    os.environ[BIND_ENV] = binding
+    try:
+        yield binding
+    finally:
+        os.environ.pop(BIND_ENV, None)
 
 
 @dataclass(frozen=True)

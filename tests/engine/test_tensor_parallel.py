@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -50,7 +51,10 @@ def _tp_in_subprocess(model_dir: str) -> dict:
     proc = subprocess.run([sys.executable, "-m", "engine.test_tensor_parallel", model_dir], capture_output=True,
                           text=True, cwd=__file__.rsplit("/engine/", 1)[0], env=env, timeout=600)
     assert proc.returncode == 0, f"the TP={TP} runner failed:\n{proc.stderr[-4000:]}"
-    return json.loads(proc.stdout.rsplit("\nRESULTS", 1)[1])
+    out = json.loads(proc.stdout.rsplit("\nRESULTS", 1)[1])
+    # vLLM logs each rank's OpenMP cores ("local_rank=0, core ids=[0]") when it binds them.
+    out["bound"] = sorted(set(re.findall(r"local_rank=(\d+), core ids=(\[[\d, ]*\])", proc.stdout + proc.stderr)))
+    return out
 
 
 def _scores(d: dict) -> list[float]:
@@ -60,11 +64,14 @@ def _scores(d: dict) -> list[float]:
 def test_tensor_parallel_equals_single_worker(engines, tiny_models):
     started = time.perf_counter()
     tp = _tp_in_subprocess(str(tiny_models["llama"]))
-    print(f"TP={TP} run: {time.perf_counter() - started:.1f} s; binding chosen: {tp['binding']!r}")
+    print(f"TP={TP} run: {time.perf_counter() - started:.1f} s; binding chosen: {tp['binding']!r}, "
+          f"vLLM bound {tp['bound']}")
     one = _compute(engines["llama"])
 
-    # No binding was given: one core (range) per rank, as vLLM's id-list syntax writes it.
+    # No binding was given: the library chose one core (range) per rank, and vLLM bound each rank to it.
     assert tp["binding"] is not None and len(tp["binding"].split("|")) == TP
+    assert [rank for rank, _ in tp["bound"]] == [str(r) for r in range(TP)], tp["bound"]
+    assert len({cores for _, cores in tp["bound"]}) == min(TP, os.cpu_count() or 1), "ranks share no core"
     assert tp["tensor_parallel_size"] == TP
     want, got = one["result"], tp["result"]
     assert [t["text"] for t in got["target_tokens"]] == [t["text"] for t in want["target_tokens"]]
@@ -93,9 +100,16 @@ def test_tensor_parallel_equals_single_worker(engines, tiny_models):
 if __name__ == "__main__":
     from atman_vllm.api import AtmanLLM
 
-    llm = AtmanLLM(sys.argv[1], **ENGINE_ARGS, tensor_parallel_size=TP, distributed_executor_backend="mp")
+    from atman_vllm.vllm.parallel import BIND_ENV, cpu_thread_binding
+
+    engine_args = dict(ENGINE_ARGS, tensor_parallel_size=TP, distributed_executor_backend="mp")
+    with cpu_thread_binding(engine_args) as binding:  # what AtmanLLM will choose (and then sets itself)
+        pass
+    assert os.environ.get(BIND_ENV) is None, "the binding is set only while an engine starts"
+    llm = AtmanLLM(sys.argv[1], **engine_args)
+    assert os.environ.get(BIND_ENV) is None, "the binding is set only while an engine starts"
     out = _compute(llm)
-    out["binding"] = os.environ.get("VLLM_CPU_OMP_THREADS_BIND")
+    out["binding"] = binding
     out["tensor_parallel_size"] = llm.vllm_config.parallel_config.tensor_parallel_size
     llm.shutdown()
     print("\nRESULTS" + json.dumps(out))
