@@ -145,7 +145,6 @@ class AtmanLLM(_AtmanEngineMixin, Explainer):
         from vllm import LLM
 
         from .models.registry import resolve_model
-
         from .vllm.parallel import cpu_thread_binding
 
         model = resolve_model(model)  # a prepared model's name ("smollm2-135m-instruct") -> its directory
@@ -292,7 +291,7 @@ class AsyncAtmanLLM(_AtmanEngineMixin):
 
         return len(encode_prompt(self.tokenizer, prompt).token_ids)
 
-    async def _run_fork(self, run, job: ForkJob, request_id: str):
+    async def _run_fork(self, run, job: ForkJob, request_id: str):  # run: parallel.ForkRun -> (run, ForkResult)
         from .vllm.forks import fork_cost, fork_request, fork_result
 
         req = fork_request(job)

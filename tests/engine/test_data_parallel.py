@@ -39,6 +39,7 @@ def dp_llm(tiny_models):
         llm = AsyncAtmanLLM.from_engine_args(str(tiny_models["llama"]), data_parallel_size=REPLICAS, **ENGINE_ARGS)
     yield llm, loop
     llm.shutdown()
+    loop.run_until_complete(asyncio.sleep(0.1))  # lets the cancelled output handler finish on its loop
     loop.close()
 
 
