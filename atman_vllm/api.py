@@ -206,25 +206,29 @@ class AtmanLLM(_AtmanEngineMixin, Explainer):
         from vllm import LLM
 
         from .models.registry import resolve_model
+        from .vllm.parallel import cpu_thread_binding
 
         model = resolve_model(model)  # a prepared model's name ("smollm2-135m-instruct") -> its directory
-        self.llm = LLM(**_engine_kwargs(model, engine_args))
+        kwargs = _engine_kwargs(model, engine_args)
+        with cpu_thread_binding(kwargs):  # TP/PP > 1 on CPU: vLLM's "auto" binding refuses on one NUMA node
+            self.llm = LLM(**kwargs)
         self.vllm_config = self.llm.llm_engine.vllm_config
         config = self.vllm_config.model_config
         self._init_common(model, self.llm.get_tokenizer(), config.max_model_len)
 
     # -- Explainer -----------------------------------------------------------------
     def run_jobs(self, jobs: Sequence[ForkJob]) -> list[ForkResult]:
-        from .vllm.forks import fork_request, fork_result, unperturbed_first
+        from .vllm.forks import fork_request, fork_result
+        from .vllm.parallel import fork_waves
 
         results: list[ForkResult | None] = [None] * len(jobs)
-        for wave in unperturbed_first(jobs):
+        for wave in fork_waves(jobs):  # one replica: vLLM's offline LLM has no data parallelism for dense models
             if not wave:
                 continue
-            requests = [fork_request(jobs[i]) for i in wave]
+            requests = [fork_request(jobs[r.job]) for r in wave]
             outputs = self.llm.generate([r.prompt for r in requests], [r.params for r in requests], use_tqdm=False)
-            for i, out in zip(wave, outputs):
-                results[i] = fork_result(jobs[i], out)
+            for r, out in zip(wave, outputs):
+                results[r.job] = fork_result(jobs[r.job], out)
         return results  # type: ignore[return-value]
 
     def generate_target_ids(self, request: ExplainRequest, max_tokens: int) -> tuple[int, ...]:
@@ -319,6 +323,9 @@ class AsyncAtmanLLM(_AtmanEngineMixin):
         # loop nor anything else that uses asyncio's default executor.
         self._planner = ThreadPoolExecutor(max_workers=planning_threads, thread_name_prefix="atman-plan")
         self._plan_stops: set[threading.Event] = set()
+        # vLLM's data-parallel replicas (independent engine cores for a dense model behind this one
+        # AsyncLLM); one explanation's forks are spread over all of them (vllm/parallel.py).
+        self.replicas = self.vllm_config.parallel_config.data_parallel_size
         self._init_common(model_dir, engine.tokenizer, self.vllm_config.model_config.max_model_len)
 
     @classmethod
@@ -328,7 +335,11 @@ class AsyncAtmanLLM(_AtmanEngineMixin):
         from vllm.engine.arg_utils import AsyncEngineArgs
         from vllm.v1.engine.async_llm import AsyncLLM
 
-        engine = AsyncLLM.from_engine_args(AsyncEngineArgs(**_engine_kwargs(model, engine_args)))
+        from .vllm.parallel import cpu_thread_binding
+
+        kwargs = _engine_kwargs(model, engine_args)
+        with cpu_thread_binding(kwargs):  # TP/PP/DP > 1 on CPU: vLLM's "auto" binding refuses on one NUMA node
+            engine = AsyncLLM.from_engine_args(AsyncEngineArgs(**kwargs))
         return cls(engine, model, explain_priority=explain_priority, planning_threads=planning_threads,
                    fork_tokens_in_flight=fork_tokens_in_flight)
 
@@ -359,16 +370,16 @@ class AsyncAtmanLLM(_AtmanEngineMixin):
             final = out
         return self.answer_ids(final.outputs[0].token_ids)
 
-    async def _run_fork(self, index: int, job: ForkJob, request_id: str) -> tuple[int, ForkResult]:
+    async def _run_fork(self, run, job: ForkJob, request_id: str):  # run: parallel.ForkRun -> (run, ForkResult)
         from .vllm.forks import fork_cost, fork_request, fork_result
 
         req = fork_request(job)
         final = None
         async with self.fork_budget.hold(fork_cost(job, self.vllm_config.cache_config.block_size)):
             async for out in self.engine.generate(req.prompt, req.params, request_id=request_id,
-                                                  priority=self.explain_priority):
+                                                  priority=self.explain_priority, data_parallel_rank=run.replica):
                 final = out
-        return index, fork_result(job, final)
+        return run, fork_result(job, final)
 
     async def explain(self, request: ExplainRequest, *, plan=None, request_id: str | None = None,
                       on_progress: Callable[[int, int], None] | None = None, max_tokens: int = 32) -> ExplainResult:
@@ -394,16 +405,24 @@ class AsyncAtmanLLM(_AtmanEngineMixin):
 
     async def _run_jobs(self, jobs: Sequence[ForkJob], request_id: str,
                         on_progress: Callable[[int, int], None] | None = None) -> list[ForkResult]:
-        """Every job, the unperturbed ones first; cancelling aborts every fork still running."""
-        from .vllm.forks import unperturbed_first
+        """Every job, the unperturbed ones first, each on its data-parallel replica (``fork_waves``);
+        cancelling aborts every fork still running."""
+        from .vllm.parallel import fork_waves
 
         results: list[ForkResult | None] = [None] * len(jobs)
+        warmups: list[ForkResult] = []  # the unperturbed pass repeated on further replicas
         done = 0
-        for wave in unperturbed_first(jobs):
-            tasks = [asyncio.ensure_future(self._run_fork(i, jobs[i], f"{request_id}-{i}")) for i in wave]
+        for wave in fork_waves(jobs, self.replicas, self.vllm_config.cache_config.block_size):
+            tasks = [asyncio.ensure_future(self._run_fork(run, jobs[run.job], f"{request_id}-{run.job}"
+                                                          + ("" if run.primary else f"-r{run.replica}")))
+                     for run in wave]
             try:
                 for fut in asyncio.as_completed(tasks):
-                    i, results[i] = await fut
+                    run, result = await fut
+                    if not run.primary:
+                        warmups.append(result)
+                        continue
+                    results[run.job] = result
                     done += 1
                     if on_progress is not None:
                         on_progress(done, len(jobs))
@@ -411,6 +430,11 @@ class AsyncAtmanLLM(_AtmanEngineMixin):
                 for t in tasks:
                     t.cancel()
                 await asyncio.gather(*tasks, return_exceptions=True)
+        if warmups:  # their cost is the explanation's too: reported with the unperturbed job's
+            first = next(i for i, j in enumerate(jobs) if j.bias is None)
+            results[first] = replace(results[first],
+                                     computed_tokens=results[first].computed_tokens + sum(w.computed_tokens for w in warmups),
+                                     cached_tokens=results[first].cached_tokens + sum(w.cached_tokens for w in warmups))
         return results  # type: ignore[return-value]
 
     async def self_test(self) -> list[str]:
@@ -454,7 +478,11 @@ class AsyncAtmanLLM(_AtmanEngineMixin):
             yield GenerationDelta(c.text, tuple(c.token_ids), out.finished, c.finish_reason, text)
 
     async def kv_block_stats(self) -> dict:
-        return await self.engine.engine_core.call_utility_async("atman_kv_block_stats")
+        """Engine-side KV blocks, summed over the data-parallel replicas."""
+        if self.replicas == 1:
+            return await self.engine.engine_core.call_utility_async("atman_kv_block_stats")
+        stats = await self.engine.engine_core.call_utility_all_async("atman_kv_block_stats")
+        return {k: sum(s[k] for s in stats) for k in stats[0]}
 
     async def num_free_kv_blocks(self) -> int:
         return (await self.kv_block_stats())["free"]

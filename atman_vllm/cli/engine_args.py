@@ -14,12 +14,20 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--kv-cache-space-gib", type=float, help="KV-cache memory in GiB")
     g.add_argument("--max-num-batched-tokens", type=int, help="tokens per engine step (prefill chunk)")
     g.add_argument("--no-prefix-caching", action="store_true", help="turn prefix sharing off (for comparison)")
+    g.add_argument("--tensor-parallel-size", type=int,
+                   help="worker processes sharing each layer (vLLM's TP; on CPU one core range per rank is "
+                        "bound unless VLLM_CPU_OMP_THREADS_BIND is set; docs/scale_out.md)")
+    g.add_argument("--pipeline-parallel-size", type=int,
+                   help="pipeline stages (vLLM's PP; fails on CPU in vLLM 0.32.0, see docs/scale_out.md)")
+    g.add_argument("--distributed-executor-backend", choices=["mp", "uni", "ray"],
+                   help="how vLLM runs its workers (default: vLLM's choice, mp for more than one)")
 
 
 def engine_kwargs(args: argparse.Namespace) -> dict:
     """Only what the user set: everything else keeps the API's defaults."""
     kw: dict = {"dtype": args.dtype}
-    for name in ("max_model_len", "block_size", "max_num_batched_tokens"):
+    for name in ("max_model_len", "block_size", "max_num_batched_tokens", "tensor_parallel_size",
+                 "pipeline_parallel_size", "distributed_executor_backend"):
         if getattr(args, name) is not None:
             kw[name] = getattr(args, name)
     if args.enforce_eager:

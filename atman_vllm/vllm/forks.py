@@ -2,7 +2,8 @@
 
 Shared by the synchronous (vllm.LLM) and asynchronous (AsyncLLM) APIs. The
 unperturbed run of an explanation must finish before its forks start: only
-then are its KV blocks committed to the prefix cache for the forks to reuse.
+then are its KV blocks committed to the prefix cache for the forks to reuse
+(the order, and the data-parallel replica of each run: ``parallel.fork_waves``).
 """
 
 from __future__ import annotations
@@ -12,7 +13,6 @@ import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from typing import Sequence
 
 import numpy as np
 from vllm import SamplingParams
@@ -53,13 +53,6 @@ def controlled_params(bias: KeyBias | None, **sampling) -> SamplingParams:
     """Sampling parameters of a generation steered by attention controls."""
     extra = AtmanRequestInfo(bias).to_extra_args() if bias is not None else None
     return SamplingParams(extra_args=extra, **sampling)
-
-
-def unperturbed_first(jobs: Sequence[ForkJob]) -> tuple[list[int], list[int]]:
-    """Indices of the jobs to run first (no bias) and of the forks after them."""
-    first = [i for i, j in enumerate(jobs) if j.bias is None]
-    return first, [i for i, j in enumerate(jobs) if j.bias is not None]
-
 
 
 def fork_cost(job: ForkJob, block_size: int) -> int:

@@ -68,7 +68,12 @@ def _install_kv_block_stats() -> None:
         pool = self.scheduler.kv_cache_manager.block_pool
         return {"free": pool.get_num_free_blocks(), "total": pool.num_gpu_blocks}
 
+    def atman_cached_blocks(self) -> int:
+        """Blocks in this engine's prefix cache (scale-out tests: which replica holds which forks)."""
+        return len(self.scheduler.kv_cache_manager.block_pool.cached_block_hash_to_block)
+
     EngineCore.atman_kv_block_stats = atman_kv_block_stats
+    EngineCore.atman_cached_blocks = atman_cached_blocks
 
 
 def seam_status() -> dict[str, bool]:

@@ -95,7 +95,14 @@ def score_target_tokens(runner, hidden_states: torch.Tensor, num_scheduled_token
         if hi > lo:
             offset = int(runner.query_start_loc.np[runner.input_batch.req_id_to_index[req_id]])
             rows = hidden_states[offset + lo - start: offset + hi - start]
-            logprobs = torch.log_softmax(runner.model.compute_logits(rows).float(), dim=-1)
+            # Under TP compute_logits is a collective (every rank calls it for the same rows, as every
+            # rank sees the same batch); it all-gathers the vocabulary shards, except on platforms
+            # that gather to the driver only, where the other ranks get None: their scores are
+            # never read (only the driver's runner output reaches the engine core).
+            logits = runner.model.compute_logits(rows)
+            if logits is None:
+                continue
+            logprobs = torch.log_softmax(logits.float(), dim=-1)
             targets = torch.tensor(prompt_ids[lo + 1: hi + 1], dtype=torch.long, device=logprobs.device)
             picked = logprobs.gather(1, targets.unsqueeze(1)).squeeze(1)
             ce[lo + 1 - target_start: hi + 1 - target_start] = -picked.double().cpu()

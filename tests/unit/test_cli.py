@@ -95,3 +95,20 @@ def test_render_explanation_shows_heatmap_and_top_units():
     plain = io.StringIO()
     render_explanation(ExplainResult.from_dict(CONTRACT_EXAMPLE), Console(file=plain, width=100))
     assert "'Ben'" in plain.getvalue() and "+0.1200" in plain.getvalue() and "7 forward passes" in plain.getvalue()
+
+
+def test_parallel_arguments_reach_the_engine(base):
+    """explain passes vLLM's parallel arguments on (issue 16); serve takes all of vLLM's, DP included."""
+    from atman_vllm.cli.engine_args import engine_kwargs
+    from atman_vllm.cli.explain import build_parser as explain_parser
+
+    args = explain_parser().parse_args(base[1:] + ["--tensor-parallel-size", "2", "--distributed-executor-backend", "mp"])
+    kw = engine_kwargs(args)
+    assert kw["tensor_parallel_size"] == 2 and kw["distributed_executor_backend"] == "mp"
+    assert "pipeline_parallel_size" not in engine_kwargs(explain_parser().parse_args(base[1:]))
+
+    from atman_server.cli import _engine_args, build_parser as serve_parser
+
+    parser = serve_parser()
+    given = _engine_args(parser, parser.parse_args(["--data-parallel-size", "2", "--tensor-parallel-size", "2"]))
+    assert given["data_parallel_size"] == 2 and given["tensor_parallel_size"] == 2
