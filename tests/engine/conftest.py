@@ -76,3 +76,24 @@ def subprocess_vllm_results(reference_cases):
     from .reference_runner import results_in_subprocess
 
     return [(c, r) for c, r in zip(cases, results_in_subprocess(cases, "vllm"))]
+
+
+async def cancel_mid_explain(llm, request):
+    """Start explaining ``request``, cancel it once the base run and some forks are done (others in
+    flight), wait until the engine(s) gave the aborted forks' blocks back; (before, after, progress)."""
+    import asyncio
+
+    before = await llm.kv_block_stats()
+    progress = []
+    task = asyncio.ensure_future(llm.explain(request, on_progress=lambda done, total: progress.append((done, total))))
+    while len(progress) < 3:
+        await asyncio.sleep(0.01)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    for _ in range(100):  # aborts reach the engine cores asynchronously
+        after = await llm.kv_block_stats()
+        if after == before:
+            break
+        await asyncio.sleep(0.05)
+    return before, after, progress

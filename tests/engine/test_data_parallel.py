@@ -18,7 +18,7 @@ import torch
 from atman_vllm.core import ExplainOptions, ExplainRequest
 from tolerances import assert_close
 
-from .conftest import ENGINE_ARGS, multiprocess_engine
+from .conftest import ENGINE_ARGS, cancel_mid_explain, multiprocess_engine
 
 REPLICAS = 2
 # Unique to this module (the session's engines must not have its blocks cached): ~100 tokens,
@@ -95,24 +95,8 @@ def test_forks_fan_out_over_replicas_and_equal_one_replica(dp_llm, engines):
 def test_cancelled_explain_frees_every_replicas_blocks(dp_llm):
     llm, loop = dp_llm
 
-    async def scenario():
-        before = await llm.kv_block_stats()
-        progress = []
-        task = asyncio.ensure_future(llm.explain(ExplainRequest(OTHER * 3, TARGET, ExplainOptions(granularity="token")),
-                                                 on_progress=lambda done, total: progress.append((done, total))))
-        while len(progress) < 3:  # base run done and some forks finished: others are in flight on both replicas
-            await asyncio.sleep(0.01)
-        task.cancel()
-        with pytest.raises(asyncio.CancelledError):
-            await task
-        for _ in range(100):  # aborts reach both engine cores asynchronously
-            after = await llm.kv_block_stats()
-            if after == before:
-                break
-            await asyncio.sleep(0.05)
-        return before, after, progress
-
-    before, after, progress = loop.run_until_complete(scenario())
+    before, after, progress = loop.run_until_complete(
+        cancel_mid_explain(llm, ExplainRequest(OTHER * 3, TARGET, ExplainOptions(granularity="token"))))
     assert progress[-1][0] < progress[-1][1], "the explain finished before it could be cancelled"
     assert before["total"] == sum(s["total"] for s in
                                   loop.run_until_complete(llm.engine.engine_core.call_utility_all_async(

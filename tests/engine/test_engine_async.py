@@ -10,7 +10,7 @@ import torch
 from atman_vllm.core import ExplainOptions, ExplainRequest
 from tolerances import assert_close
 
-from .conftest import multiprocess_engine
+from .conftest import cancel_mid_explain, multiprocess_engine
 from .texts import LONG, SHORT
 
 
@@ -69,23 +69,7 @@ def test_concurrent_explains_and_generation_equal_sequential(async_llm):
 def test_cancelled_explain_frees_its_blocks(async_llm):
     llm, loop = async_llm
 
-    async def scenario():
-        before = await llm.kv_block_stats()
-        progress = []
-        task = asyncio.ensure_future(llm.explain(ExplainRequest(LONG * 3, " Lisbon.", ExplainOptions(granularity="token")),
-                                                 on_progress=lambda done, total: progress.append((done, total))))
-        while len(progress) < 3:  # base run done and some forks finished: others are in flight
-            await asyncio.sleep(0.01)
-        task.cancel()
-        with pytest.raises(asyncio.CancelledError):
-            await task
-        for _ in range(100):  # aborts reach the engine core asynchronously
-            after = await llm.kv_block_stats()
-            if after == before:
-                break
-            await asyncio.sleep(0.05)
-        return before, after, progress
-
-    before, after, progress = loop.run_until_complete(scenario())
+    before, after, progress = loop.run_until_complete(
+        cancel_mid_explain(llm, ExplainRequest(LONG * 3, " Lisbon.", ExplainOptions(granularity="token"))))
     assert progress[-1][0] < progress[-1][1], "the explain finished before it could be cancelled"
     assert after == before
