@@ -52,9 +52,12 @@ def test_control_effect_equals_reference_biased_forward(engines, tiny_models, mo
     assert np.abs(biased - reference.biased_next_token_logprobs(token_ids, None)).max() > 1e-2
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def copy_model_llm(tiny_models, tmp_path_factory):
-    """A llama whose next token is the prompt token it attends to most (uniform attention, value = identity)."""
+    """A llama whose next token is the prompt token it attends to most (uniform attention, value = identity).
+
+    Session-scoped like every in-process engine: released at the end of this module, its engine core's
+    shutdown would tear down vLLM's distributed groups that the session's other in-process engines use."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from atman_vllm.api import AtmanLLM
