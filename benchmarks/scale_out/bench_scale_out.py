@@ -67,13 +67,13 @@ async def _child(model: str, dp: int, repeats: int, tokens: int) -> dict:
     options = ExplainOptions(granularity="token")
     runs = []
     for k in range(repeats + 1):
-        prompt = _prompt(llm.prompt_tokens, 100 * k + dp, tokens if k else tokens // 4)  # a short warm-up
+        prompt = _prompt(lambda text: llm.prompt_tokens(ExplainRequest(text, "")), 100 * k + dp, tokens if k else tokens // 4)  # a short warm-up
         t = time.perf_counter()
         r = await llm.explain(ExplainRequest(prompt, " Lisbon.", options))
         wall = time.perf_counter() - t
         if k:  # the first is the warm-up
             runs.append({"wall_s": wall, "forks": r.stats.perturbations, "computed_tokens": r.stats.computed_tokens,
-                         "cached_tokens": r.stats.cached_tokens, "prompt_tokens": llm.prompt_tokens(prompt)})
+                         "cached_tokens": r.stats.cached_tokens, "prompt_tokens": llm.prompt_tokens(ExplainRequest(prompt, ""))})
     llm.shutdown()
     return {"engine_start_s": start_s, "runs": runs}
 
