@@ -5,8 +5,8 @@ longer by more paragraphs of facts: the question's document is one paragraph,
 placed at a random position among filler paragraphs (other generated
 documents, with every fact about the question's person or mentioning its
 answer removed, so the answer stays unambiguous). Units: tokens. mAP: the
-harness's (metrics.score_example): a unit is positive when it overlaps the
-evidence sentence.
+harness's (metrics.score_example) over the context's units: a unit is
+positive when it overlaps the evidence sentence.
 
 Backend: AtmanLLM (vLLM with prefix caching), the demo model. The demo model
 has 512 positions (RoPE); lengths above it run with
@@ -61,7 +61,8 @@ def long_example(rng: random.Random, tokenizer, min_tokens: int, sep: str = "\n\
 
 
 def ap_of(result, ex: QAExample) -> float | None:
-    scores = result.explanations[0].prompt_scores
+    """AP over the context's units only (as the harness ranks them): the question's are left out."""
+    scores = [u for u in result.explanations[0].prompt_scores if u.start + u.length <= len(ex.context)]
     s = score_example([(u.start, u.start + u.length) for u in scores], [u.score for u in scores],
                       ex.evidence_spans, ex.qtype)
     return None if s is None else s.ap
