@@ -392,6 +392,14 @@ class AsyncAtmanLLM(_AtmanEngineMixin):
 
         request_id = request_id or uuid.uuid4().hex
         given = request
+        # A hierarchical search runs several rounds of forks: progress counts across them (the
+        # total grows by each round's passes as it starts), and each round's engine requests get
+        # ids of their own.
+        rounds = {"n": 0, "done": 0}
+
+        def round_progress(done: int, total: int) -> None:
+            if on_progress is not None:
+                on_progress(rounds["done"] + done, rounds["done"] + total)
 
         async def answer(step):
             if isinstance(step, GenerateTarget):
@@ -399,7 +407,11 @@ class AsyncAtmanLLM(_AtmanEngineMixin):
             if isinstance(step, PlanRequest):
                 # The caller's plan is for the request as given, not for one with a generated target.
                 return plan if plan is not None and step.request is given else await self.plan_async(step.request)
-            return await self._run_jobs(step.jobs, request_id, on_progress)
+            round_id = request_id if rounds["n"] == 0 else f"{request_id}-round{rounds['n']}"
+            results = await self._run_jobs(step.jobs, round_id, round_progress)
+            rounds["n"] += 1
+            rounds["done"] += len(step.jobs)
+            return results
 
         return await run_steps_async(explanation_steps(request, max_tokens), answer)
 

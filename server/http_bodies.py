@@ -24,7 +24,9 @@ from atman_vllm.core.options import (
     ExplainOptions,
     Granularity,
     Mode,
+    MIN_BUDGET,
     Postprocessing,
+    Search,
     TargetGranularity,
 )
 
@@ -52,12 +54,18 @@ class ExplainOptionsBody(BaseModel):
     target_granularity: Annotated[TargetGranularity, Field(strict=False)] = TargetGranularity.COMPLETE
     postprocessing: Annotated[Postprocessing, Field(strict=False)] = Postprocessing.NONE
     normalize: StrictBool = False
+    search: Annotated[Search, Field(strict=False)] = Field(
+        Search.EXHAUSTIVE, description="exhaustive: one fork per unit; hierarchical: paragraphs, then sentences "
+                                       "and units inside the strongest ones, within budget forward passes")
+    budget: Annotated[StrictInt, Field(ge=MIN_BUDGET)] | None = Field(
+        None, description="most forward passes of a hierarchical search (default 32); only with search 'hierarchical'")
 
     def to_options(self) -> ExplainOptions:
         spans = None if self.spans is None else tuple(tuple(s) for s in self.spans)
         return ExplainOptions(factor=self.factor, mode=self.mode, kappa=self.kappa, granularity=self.granularity,
                               delimiter=self.delimiter, spans=spans, target_granularity=self.target_granularity,
-                              postprocessing=self.postprocessing, normalize=self.normalize)
+                              postprocessing=self.postprocessing, normalize=self.normalize,
+                              search=self.search, budget=self.budget)
 
 
 class ChatMessageBody(BaseModel):

@@ -55,6 +55,9 @@ def build_parser() -> OneLineParser:
     p.add_argument("--kappa", type=number, help="correlated suppression threshold in [0, 1] (default off)")
     p.add_argument("--postprocessing", help="none|absolute|square (default none)")
     p.add_argument("--normalize", action="store_true", help="min-max scale each explanation to [0, 1]")
+    p.add_argument("--search", help="exhaustive|hierarchical (default exhaustive): hierarchical scores paragraphs, "
+                                    "then refines the strongest down to the granularity")
+    p.add_argument("--budget", type=int, help="forward passes of --search hierarchical (default 32)")
     p.add_argument("--json", action="store_true", help="print the result as JSON (the service's contract)")
     add_engine_arguments(p)
     return p
@@ -67,7 +70,8 @@ def _option_name(field: str) -> str:
 def options_from_args(args: argparse.Namespace) -> ExplainOptions:
     given = {
         name: getattr(args, name)
-        for name in ("factor", "mode", "kappa", "granularity", "delimiter", "spans", "target_granularity", "postprocessing")
+        for name in ("factor", "mode", "kappa", "granularity", "delimiter", "spans", "target_granularity", "postprocessing",
+                     "search", "budget")
         if getattr(args, name) is not None
     }
     if args.normalize:

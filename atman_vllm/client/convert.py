@@ -59,7 +59,7 @@ def options_to_proto(options: ExplainOptions | dict | None) -> pb.ExplainOptions
                 setattr(msg, name, float(options[name]))
             except (TypeError, ValueError):
                 raise InvalidRequestError(name, f"must be a number, got {options[name]!r}") from None
-    for name in ("mode", "granularity", "target_granularity", "postprocessing"):
+    for name in ("mode", "granularity", "target_granularity", "postprocessing", "search"):
         if options.get(name) is not None:
             value = options[name]
             setattr(msg, name, value.value if hasattr(value, "value") else str(value))
@@ -69,6 +69,10 @@ def options_to_proto(options: ExplainOptions | dict | None) -> pb.ExplainOptions
         if not isinstance(options["normalize"], bool):
             raise InvalidRequestError("normalize", f"must be true or false, got {options['normalize']!r}")
         msg.normalize = options["normalize"]
+    if options.get("budget") is not None:
+        if isinstance(options["budget"], bool) or not isinstance(options["budget"], int):
+            raise InvalidRequestError("budget", f"must be an integer, got {options['budget']!r}")
+        msg.budget = _u32(options["budget"], "budget")
     for span in options.get("spans") or ():
         try:
             start, length = span
@@ -91,6 +95,8 @@ def options_from_proto(msg: pb.ExplainOptions) -> ExplainOptions:
         target_granularity=msg.target_granularity or defaults.target_granularity,
         postprocessing=msg.postprocessing or defaults.postprocessing,
         normalize=msg.normalize if msg.HasField("normalize") else defaults.normalize,
+        search=msg.search or defaults.search,
+        budget=msg.budget if msg.HasField("budget") else None,
     )
 
 
@@ -98,12 +104,15 @@ def options_from_proto(msg: pb.ExplainOptions) -> ExplainOptions:
 
 
 def _scores_to_proto(scores: Iterable[SpanScore]) -> list[pb.ScoredSpan]:
-    return [pb.ScoredSpan(start=s.start, length=s.length, text=s.text, score=s.score, message=s.message)
+    return [pb.ScoredSpan(start=s.start, length=s.length, text=s.text, score=s.score, message=s.message,
+                          refined=s.refined, inherited_from=s.inherited_from)
             for s in scores]
 
 
 def _scores_from_proto(scores: Iterable[pb.ScoredSpan]) -> tuple[SpanScore, ...]:
-    return tuple(SpanScore(s.start, s.length, s.text, s.score, s.message if s.HasField("message") else None)
+    return tuple(SpanScore(s.start, s.length, s.text, s.score, s.message if s.HasField("message") else None,
+                           s.refined if s.HasField("refined") else None,
+                           s.inherited_from if s.HasField("inherited_from") else None)
                  for s in scores)
 
 

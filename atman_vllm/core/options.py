@@ -42,6 +42,18 @@ class TargetGranularity(str, Enum):
     TOKEN = "token"
 
 
+class Search(str, Enum):
+    EXHAUSTIVE = "exhaustive"  # one fork per unit
+    HIERARCHICAL = "hierarchical"  # coarse units first, then refine the strongest (core/hierarchical.py)
+
+
+# Forward passes a hierarchical search may use when the caller gives no budget.
+DEFAULT_BUDGET = 32
+MIN_BUDGET = 2  # the unperturbed pass and at least one fork
+# Granularities a hierarchical search can refine down to: those nested in paragraphs and sentences.
+HIERARCHICAL_GRANULARITIES = ("token", "word", "sentence", "paragraph", "auto")
+
+
 class Postprocessing(str, Enum):
     NONE = "none"
     ABSOLUTE = "absolute"
@@ -125,6 +137,8 @@ class ExplainOptions:
     target_granularity: TargetGranularity = TargetGranularity.COMPLETE
     postprocessing: Postprocessing = Postprocessing.NONE
     normalize: bool = False
+    search: Search = Search.EXHAUSTIVE
+    budget: int | None = None  # forward passes, hierarchical search only (None: DEFAULT_BUDGET)
 
     def validated(self) -> "ExplainOptions":
         """Return a copy with enums coerced; raise InvalidRequestError naming the field."""
@@ -151,10 +165,27 @@ class ExplainOptions:
                 raise InvalidRequestError("delimiter", "granularity 'custom' needs a non-empty delimiter")
         if not isinstance(self.normalize, bool):
             raise InvalidRequestError("normalize", f"must be true or false, got {self.normalize!r}")
+        search = _enum(Search, self.search, "search")
+        budget = self.budget
+        if search is Search.HIERARCHICAL:
+            if granularity.value not in HIERARCHICAL_GRANULARITIES:
+                raise InvalidRequestError("search", f"'hierarchical' refines paragraphs and sentences down to "
+                                                    f"token, word or sentence units, not granularity {granularity.value!r}")
+            if target_granularity is not TargetGranularity.COMPLETE:
+                raise InvalidRequestError("search", "'hierarchical' needs target_granularity 'complete'")
+            if budget is None:
+                budget = DEFAULT_BUDGET
+            if isinstance(budget, bool) or not isinstance(budget, numbers.Integral):
+                raise InvalidRequestError("budget", f"must be an integer, got {type(budget).__name__} {budget!r}")
+            budget = int(budget)
+            if budget < MIN_BUDGET:
+                raise InvalidRequestError("budget", f"must be at least {MIN_BUDGET} forward passes, got {budget}")
+        elif budget is not None:
+            raise InvalidRequestError("budget", "is only used with search 'hierarchical'")
         return ExplainOptions(
             factor=factor, mode=mode, kappa=kappa, granularity=granularity, delimiter=delimiter,
             spans=spans, target_granularity=target_granularity, postprocessing=post,
-            normalize=self.normalize,
+            normalize=self.normalize, search=search, budget=budget,
         )
 
     def to_dict(self) -> dict:
@@ -172,6 +203,9 @@ class ExplainOptions:
             d["delimiter"] = self.delimiter
         if self.spans is not None:
             d["spans"] = [list(s) for s in self.spans]
+        if Search(self.search) is not Search.EXHAUSTIVE:  # exhaustive results stay as they always were
+            d["search"] = Search(self.search).value
+            d["budget"] = self.budget
         return d
 
     @classmethod

@@ -13,13 +13,14 @@ from typing import Callable, Sequence
 import numpy as np
 
 from .correlation import CosineSimilarity, correlated_factors
-from .options import ExplainOptions, InvalidRequestError, Mode
+from .hierarchical import SearchLevel, search_levels
+from .options import ExplainOptions, Granularity, InvalidRequestError, Mode, Search
 from .jobs import ForkJob, ForkResult, KeyBias
 from .requests import ExplainRequest
-from .results import ExplainResult, ExplainStats, TargetToken
+from .results import ExplainResult, ExplainStats, SpanScore, TargetToken
 from .scoring import raw_deltas, score_explanations
 from .tokens import EncodedInput, Tokenizer, encode_input, encode_with_target_ids
-from .units import PromptRegion, Unit, chat_regions, segment_regions, target_units
+from .units import PromptRegion, Unit, chat_regions, region_units, segment_regions, target_units
 
 # Input-embedding rows [n, d] for the given token ids; None when the backend cannot provide them.
 EmbeddingRows = Callable[[Sequence[int]], "np.ndarray | None"]
@@ -131,6 +132,9 @@ class ExplainPlan:
     target_units: tuple[Unit, ...]  # target tokens as units (target granularity "token" only)
     options: ExplainOptions  # validated and resolved (no "auto")
     jobs: list[ForkJob]  # jobs[0]: unperturbed; then one per unit, prompt units then target units
+    # search "hierarchical": the coarser levels searched above ``units``, coarsest first (core/hierarchical.py);
+    # () for exhaustive search, or when the exhaustive search fits in the budget.
+    levels: tuple[SearchLevel, ...] = ()
 
     @property
     def num_tokens(self) -> int:
@@ -144,8 +148,19 @@ class ExplainPlan:
         """Score the backend's results (one per job, same order) into the JSON-contract result."""
         if len(results) != len(self.jobs):
             raise ValueError(f"got {len(results)} results for {len(self.jobs)} jobs")
-        num_targets = self.encoded.num_targets
         ce = np.stack([np.asarray(r.target_ce, dtype=np.float64).reshape(-1) for r in results])
+        return self.score(ce[0], ce[1:], results, elapsed_s)
+
+    def score(self, base_ce: np.ndarray, unit_ce: np.ndarray, results: Sequence[ForkResult], elapsed_s: float,
+              inherited: Sequence[str | None] | None = None, unperturbed_runs: int = 1) -> ExplainResult:
+        """The result from the unperturbed [T] and per-unit [n, T] cross-entropies (units, then target
+        units), with ``results`` (every pass run) for the stats. ``inherited`` (hierarchical search):
+        per prompt unit, None if it had its own fork, else the granularity whose score it inherits;
+        ``unperturbed_runs``: how many of ``results`` are the unperturbed pass (one per search round)."""
+        num_targets = self.encoded.num_targets
+        base_ce = np.asarray(base_ce, dtype=np.float64).reshape(1, -1)
+        unit_ce = np.asarray(unit_ce, dtype=np.float64).reshape(-1, base_ce.shape[1])
+        ce = np.concatenate([base_ce, unit_ce])
         if ce.shape[1] != num_targets:
             raise ValueError(f"results have {ce.shape[1]} target cross-entropies, expected {num_targets}")
         if not np.all(np.isfinite(ce)):
@@ -155,12 +170,14 @@ class ExplainPlan:
             self.units, self.target_units, target, self.encoded.target_offsets, self.encoded.target_start,
             raw_deltas(ce[0], ce[1:]), opts.target_granularity, opts.postprocessing, opts.normalize,
         )
+        if inherited is not None:
+            explanations = tuple(replace(e, prompt_scores=_marked(e.prompt_scores, inherited)) for e in explanations)
         target_tokens = tuple(
             TargetToken(target[s:e], s, e - s, float(-ce[0, t])) for t, (s, e) in enumerate(self.encoded.target_offsets)
         )
         stats = ExplainStats(
-            perturbations=len(self.jobs) - 1,
-            forward_passes=len(self.jobs),
+            perturbations=len(results) - unperturbed_runs,
+            forward_passes=len(results),
             computed_tokens=int(sum(r.computed_tokens for r in results)),
             cached_tokens=int(sum(r.cached_tokens for r in results)),
             elapsed_s=float(elapsed_s),
@@ -228,4 +245,19 @@ def plan_explanation(
             raise PlanCancelled()
         bias = unit_bias(unit.positions, options.factor, options.mode, options.kappa, similarity, candidates)
         jobs.append(ForkJob(encoded.token_ids, encoded.target_start, bias))
-    return ExplainPlan(request, encoded, tuple(units), tuple(t_units), options, jobs)
+    levels: tuple[SearchLevel, ...] = ()
+    if Search(options.search) is Search.HIERARCHICAL:
+        def make_job(unit: Unit) -> ForkJob:
+            bias = unit_bias(unit.positions, options.factor, options.mode, options.kappa, similarity, candidates)
+            return ForkJob(encoded.token_ids, encoded.target_start, bias)
+
+        levels = search_levels(Granularity(granularity), units, options.budget,
+                               lambda g: region_units(regions, g, options), make_job)
+    return ExplainPlan(request, encoded, tuple(units), tuple(t_units), options, jobs, levels)
+
+
+def _marked(scores: Sequence[SpanScore], inherited: Sequence[str | None]) -> tuple[SpanScore, ...]:
+    """Prompt scores with their hierarchical-search marks (refined, or inherited from which level)."""
+    if len(scores) != len(inherited):
+        raise ValueError(f"{len(inherited)} marks for {len(scores)} prompt scores")
+    return tuple(replace(s, refined=g is None, inherited_from=g) for s, g in zip(scores, inherited))

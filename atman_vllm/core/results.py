@@ -36,18 +36,26 @@ class SpanScore:
     text: str
     score: float  # positive: suppressing this span made the target less likely
     message: int | None = None  # chat: the message whose content start/length index; else None
+    # Hierarchical search only (None otherwise, and then absent from the JSON): whether this unit had
+    # a fork of its own; if not, the granularity of the ancestor unit whose score it inherits.
+    refined: bool | None = None
+    inherited_from: str | None = None
 
     def to_dict(self) -> dict:
         d = {"start": self.start, "length": self.length, "text": self.text, "score": self.score}
         if self.message is not None:
             d["message"] = self.message
+        if self.refined is not None:
+            d["refined"] = self.refined
+        if self.inherited_from is not None:
+            d["inherited_from"] = self.inherited_from
         return d
 
     @classmethod
     def from_dict(cls, d: dict) -> "SpanScore":
         message = d.get("message")
         return cls(int(d["start"]), int(d["length"]), d["text"], float(d["score"]),
-                   None if message is None else int(message))
+                   None if message is None else int(message), d.get("refined"), d.get("inherited_from"))
 
 
 @dataclass(frozen=True)
@@ -219,7 +227,11 @@ def _optional(schema: dict, *names: str) -> dict:
 
 _SPAN_SCORE = _obj({**_SPAN_PROPS, "score": {"type": "number"}})
 # Chat explanations: prompt scores name their message (spans are into its content).
-_PROMPT_SCORE = _optional(_obj({**_SPAN_PROPS, "score": {"type": "number"}, "message": _INT0}), "message")
+# Hierarchical search: each prompt score says whether it was refined, or which coarser unit it inherits.
+_PROMPT_SCORE = _optional(_obj({**_SPAN_PROPS, "score": {"type": "number"}, "message": _INT0,
+                                "refined": {"type": "boolean"},
+                                "inherited_from": {"enum": ["paragraph", "sentence"]}}),
+                          "message", "refined", "inherited_from")
 _OPTIONS = _obj({
     "factor": {"type": "number", "exclusiveMinimum": 0},
     "mode": {"enum": ["log-additive", "multiplicative"]},
@@ -231,6 +243,9 @@ _OPTIONS = _obj({
     "normalize": {"type": "boolean"},
 })
 _OPTIONS["properties"]["delimiter"] = {"type": "string", "minLength": 1}
+# Present only for search "hierarchical" (an exhaustive result's options are as they always were).
+_OPTIONS["properties"]["search"] = {"enum": ["exhaustive", "hierarchical"]}
+_OPTIONS["properties"]["budget"] = {"type": "integer", "minimum": 2}
 _OPTIONS["properties"]["spans"] = {
     "type": "array", "minItems": 1,
     "items": {"type": "array", "prefixItems": [_INT0, {"type": "integer", "minimum": 1}], "minItems": 2, "maxItems": 2},

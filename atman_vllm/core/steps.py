@@ -10,7 +10,9 @@ receives each step's answer. Its return value is the ``ExplainResult``:
   plans on threads of its own, the sync API in place);
 - ``RunForks``: the plan's forward passes; answer with their ``ForkResult``s
   in job order (the backend's ``run_jobs``: on vLLM the unperturbed pass
-  first, so the forks find its KV blocks in the prefix cache).
+  first, so the forks find its KV blocks in the prefix cache). A
+  hierarchical search (``core/hierarchical.py``) yields several, one per
+  level it refines, each starting with the unperturbed pass.
 
 The sync backends (``Explainer``: the reference, ``AtmanLLM``) and the async
 one (``AsyncAtmanLLM``) only answer steps (``run_steps`` here, its async twin
@@ -25,7 +27,9 @@ from collections.abc import Awaitable, Callable, Generator
 from dataclasses import dataclass, replace
 from typing import Any, TypeVar, Union
 
+from .hierarchical import hierarchical_steps
 from .jobs import ForkJob
+from .options import Search
 from .requests import ExplainRequest
 from .results import ExplainResult
 
@@ -59,6 +63,8 @@ def explanation_steps(request: ExplainRequest, generate_tokens: int | None = Non
         generated = yield GenerateTarget(request, generate_tokens)
         request = replace(request, target="", target_token_ids=tuple(generated))
     plan = yield PlanRequest(request)
+    if Search(plan.options.search) is Search.HIERARCHICAL:  # several rounds of forks
+        return (yield from hierarchical_steps(plan, started))
     results = yield RunForks(tuple(plan.jobs))
     if len(results) != len(plan.jobs):
         raise ValueError(f"{len(plan.jobs)} jobs got {len(results)} results")

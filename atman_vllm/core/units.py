@@ -240,7 +240,8 @@ def chat_regions(prompt_offsets: Sequence[CharSpan], prompt_start: int, content_
     return regions
 
 
-def _region_units(regions: Sequence[PromptRegion], granularity: Granularity, options: ExplainOptions) -> list[Unit]:
+def region_units(regions: Sequence[PromptRegion], granularity: Granularity, options: ExplainOptions) -> list[Unit]:
+    """Units of every region for one (resolved) granularity."""
     return [u for r in regions for u in _units_for(r.text, r.offsets, r.first_position, granularity, options, r.message)]
 
 
@@ -254,11 +255,11 @@ def segment_regions(regions: Sequence[PromptRegion], options: ExplainOptions) ->
         raise InvalidRequestError("spans", "are character spans of a prompt; with messages use another granularity")
     if granularity is Granularity.AUTO:
         for candidate in _AUTO_ORDER:
-            units = _region_units(regions, candidate, options)
+            units = region_units(regions, candidate, options)
             if len(units) <= AUTO_MAX_UNITS:
                 return units, candidate
         return units, Granularity.PARAGRAPH
-    return _region_units(regions, granularity, options), granularity
+    return region_units(regions, granularity, options), granularity
 
 
 def segment_prompt(

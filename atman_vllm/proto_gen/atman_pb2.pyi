@@ -15,7 +15,7 @@ class Span(_message.Message):
     def __init__(self, start: _Optional[int] = ..., length: _Optional[int] = ...) -> None: ...
 
 class ExplainOptions(_message.Message):
-    __slots__ = ("factor", "mode", "kappa", "granularity", "delimiter", "spans", "target_granularity", "postprocessing", "normalize")
+    __slots__ = ("factor", "mode", "kappa", "granularity", "delimiter", "spans", "target_granularity", "postprocessing", "normalize", "search", "budget")
     FACTOR_FIELD_NUMBER: _ClassVar[int]
     MODE_FIELD_NUMBER: _ClassVar[int]
     KAPPA_FIELD_NUMBER: _ClassVar[int]
@@ -25,6 +25,8 @@ class ExplainOptions(_message.Message):
     TARGET_GRANULARITY_FIELD_NUMBER: _ClassVar[int]
     POSTPROCESSING_FIELD_NUMBER: _ClassVar[int]
     NORMALIZE_FIELD_NUMBER: _ClassVar[int]
+    SEARCH_FIELD_NUMBER: _ClassVar[int]
+    BUDGET_FIELD_NUMBER: _ClassVar[int]
     factor: float
     mode: str
     kappa: float
@@ -34,7 +36,9 @@ class ExplainOptions(_message.Message):
     target_granularity: str
     postprocessing: str
     normalize: bool
-    def __init__(self, factor: _Optional[float] = ..., mode: _Optional[str] = ..., kappa: _Optional[float] = ..., granularity: _Optional[str] = ..., delimiter: _Optional[str] = ..., spans: _Optional[_Iterable[_Union[Span, _Mapping]]] = ..., target_granularity: _Optional[str] = ..., postprocessing: _Optional[str] = ..., normalize: _Optional[bool] = ...) -> None: ...
+    search: str
+    budget: int
+    def __init__(self, factor: _Optional[float] = ..., mode: _Optional[str] = ..., kappa: _Optional[float] = ..., granularity: _Optional[str] = ..., delimiter: _Optional[str] = ..., spans: _Optional[_Iterable[_Union[Span, _Mapping]]] = ..., target_granularity: _Optional[str] = ..., postprocessing: _Optional[str] = ..., normalize: _Optional[bool] = ..., search: _Optional[str] = ..., budget: _Optional[int] = ...) -> None: ...
 
 class ChatMessage(_message.Message):
     __slots__ = ("role", "content")
@@ -81,18 +85,22 @@ class TextSpan(_message.Message):
     def __init__(self, start: _Optional[int] = ..., length: _Optional[int] = ..., text: _Optional[str] = ...) -> None: ...
 
 class ScoredSpan(_message.Message):
-    __slots__ = ("start", "length", "text", "score", "message")
+    __slots__ = ("start", "length", "text", "score", "message", "refined", "inherited_from")
     START_FIELD_NUMBER: _ClassVar[int]
     LENGTH_FIELD_NUMBER: _ClassVar[int]
     TEXT_FIELD_NUMBER: _ClassVar[int]
     SCORE_FIELD_NUMBER: _ClassVar[int]
     MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    REFINED_FIELD_NUMBER: _ClassVar[int]
+    INHERITED_FROM_FIELD_NUMBER: _ClassVar[int]
     start: int
     length: int
     text: str
     score: float
     message: int
-    def __init__(self, start: _Optional[int] = ..., length: _Optional[int] = ..., text: _Optional[str] = ..., score: _Optional[float] = ..., message: _Optional[int] = ...) -> None: ...
+    refined: bool
+    inherited_from: str
+    def __init__(self, start: _Optional[int] = ..., length: _Optional[int] = ..., text: _Optional[str] = ..., score: _Optional[float] = ..., message: _Optional[int] = ..., refined: _Optional[bool] = ..., inherited_from: _Optional[str] = ...) -> None: ...
 
 class TargetBoundary(_message.Message):
     __slots__ = ("aligned", "prompt_chars", "note")

@@ -42,6 +42,9 @@ EXPLAIN_CASES = {
     "empty delimiter": (dict(granularity="custom", delimiter=""), "delimiter", "non-empty"),
     "span out of range": (dict(spans=[(10, 500)]), "spans", "outside"),
     "overlapping spans": (dict(spans=[(0, 10), (5, 10)]), "spans", "overlap"),
+    "unknown search": (dict(search="greedy"), "search", "greedy"),
+    "budget without hierarchical search": (dict(budget=8), "budget", "hierarchical"),
+    "budget below two passes": (dict(search="hierarchical", budget=1), "budget", "at least 2"),
     "unknown model": (dict(model="gpt-17"), "model", "gpt-17"),
 }
 
@@ -150,6 +153,11 @@ HTTP_CASES = {
     "bad factor": ({"prompt": PROMPT, "target": TARGET, "options": {"factor": 0}}, 400, "factor"),
     "bad kappa": ({"prompt": PROMPT, "target": TARGET, "options": {"kappa": 7}}, 400, "kappa"),
     "bad granularity": ({"prompt": PROMPT, "target": TARGET, "options": {"granularity": "x"}}, 400, "granularity"),
+    "bad search": ({"prompt": PROMPT, "target": TARGET, "options": {"search": "greedy"}}, 400, "search"),
+    "budget below two": ({"prompt": PROMPT, "target": TARGET, "options": {"search": "hierarchical", "budget": 1}},
+                         400, "budget"),
+    "budget too small for the paragraphs": ({"prompt": "A b.\n\nC d.\n\nE f.", "target": TARGET, "options": {
+        "search": "hierarchical", "budget": 3, "granularity": "token"}}, 400, "budget"),
     "lone surrogate": ({"prompt": "Mira \ud800 pilot", "target": TARGET}, 400, "prompt"),
     "unknown model": ({"model": "gpt-17", "prompt": PROMPT, "target": TARGET}, 404, "model"),
 }

@@ -81,6 +81,31 @@ def test_explain_stream_and_http_give_the_same_scores(client, plain_server):
     assert_same_explanation(unary, over_http)
 
 
+def test_hierarchical_search_over_grpc_and_http(client, plain_server):
+    doc = PROMPT.replace(" Mira works", "\n\nMira works").replace(" Q:", "\n\nQ:")
+    options = {"granularity": "token", "search": "hierarchical", "budget": 12}
+    over_grpc = client.explain(doc, TARGET, **options)
+    events = list(client.explain_stream(doc, TARGET, **options))
+    reply = httpx.post(f"http://{plain_server.http}/v1/explain", timeout=120,
+                       json={"prompt": doc, "target": TARGET, "options": options})
+    assert reply.status_code == 200, reply.text
+    body = reply.json()
+    assert body["options"]["search"] == "hierarchical" and body["options"]["budget"] == 12
+    over_http = ExplainResult.from_dict(body)
+    scored = over_grpc.explanations[0].prompt_scores
+    assert over_grpc.stats.forward_passes <= 12 and len(scored) > 12  # fewer passes than units
+    assert {s.refined for s in scored} == {True, False}
+    assert {s.inherited_from for s in scored if not s.refined} <= {"sentence", "paragraph"}
+    assert [(s.refined, s.inherited_from) for s in scored] == \
+        [(s.refined, s.inherited_from) for s in over_http.explanations[0].prompt_scores]
+    assert_same_explanation(over_grpc, over_http)
+    *progress, streamed = events
+    assert_same_explanation(over_grpc, streamed)
+    # Progress counts every pass of every round, once each.
+    assert [p.done_forks for p in progress] == list(range(1, over_grpc.stats.forward_passes + 1))
+    assert progress[-1].total_forks == over_grpc.stats.forward_passes
+
+
 def test_generate_explains_its_own_completion(client):
     events = list(client.generate(PROMPT, max_tokens=4, explain=True,
                                   explain_options={"granularity": "word", "target_granularity": "token"}))

@@ -38,3 +38,24 @@ def test_reference_backend_generates_a_target_and_renders(capsys, model_dir):
     out, err = capsys.readouterr()
     assert code == 0, err
     assert "top 5 units" in out and "factor 0.2" in out
+
+
+def test_reference_backend_hierarchical_search(capsys, model_dir):
+    prompt = "The cat sat on the mat. It was warm.\n\nThe dog ran in the park. It was cold.\n\nBirds sang. The dog"
+    common = ["explain", "--backend", "reference", "--model", model_dir, "--prompt", prompt, "--target", " barked",
+              "--granularity", "token", "--json"]
+    assert main(common) == 0
+    exhaustive = json.loads(capsys.readouterr().out)
+    assert main([*common, "--search", "hierarchical", "--budget", "10"]) == 0
+    hier = json.loads(capsys.readouterr().out)
+    jsonschema.validate(hier, EXPLAIN_RESULT_SCHEMA)
+    assert hier["options"]["search"] == "hierarchical" and hier["options"]["budget"] == 10
+    assert hier["stats"]["forward_passes"] <= 10 < exhaustive["stats"]["forward_passes"]
+    ex, hi = exhaustive["explanations"][0]["prompt_scores"], hier["explanations"][0]["prompt_scores"]
+    assert [(s["start"], s["length"]) for s in hi] == [(s["start"], s["length"]) for s in ex]
+    refined = [i for i, s in enumerate(hi) if s["refined"]]
+    assert 0 < len(refined) < len(hi)
+    assert all(hi[i]["inherited_from"] in ("sentence", "paragraph") for i in range(len(hi)) if i not in refined)
+    # The same forks as the exhaustive search (the reference runs each alone: same arithmetic).
+    assert max(abs(hi[i]["score"] - ex[i]["score"]) for i in refined) < 1e-5
+    assert max(abs(ex[i]["score"]) for i in refined) > 0
