@@ -14,6 +14,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 
@@ -69,7 +70,7 @@ class KeyBiasCSR:
     def num_seqs(self) -> int:
         return int(self.multiplicative.numel())
 
-    @property
+    @cached_property  # read per layer by the CPU backend: one host read per request, not per layer
     def mode(self) -> Mode:
         """The batch's one mode (a kernel launch applies one); ValueError when they differ."""
         modes = {Mode.MULTIPLICATIVE if m else Mode.LOG_ADDITIVE for m in self.multiplicative.tolist()}

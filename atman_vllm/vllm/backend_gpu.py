@@ -36,12 +36,9 @@ class PerturbedSubBatch:
     seq_lens: torch.Tensor
     block_table: torch.Tensor
     max_query_len: int
+    mode: Mode  # the one mode of its sequences (kept on the host: read in every layer)
     bias: KeyBiasCSR  # the sub-batch's sequences' biases, in its order
     log_factors: torch.Tensor  # the same, dense [num_seqs, max_seq_len], for the Triton path
-
-    @property
-    def mode(self) -> Mode:
-        return self.bias.mode
 
     @classmethod
     def build(cls, batch_bias: dict[int, KeyBiasCSR], mode: Mode, query_start_loc: torch.Tensor,
@@ -62,6 +59,7 @@ class PerturbedSubBatch:
             seq_lens=sub_seq_lens,
             block_table=block_table[index],
             max_query_len=max(q_lens),
+            mode=Mode(mode),
             bias=bias,
             log_factors=bias.dense(int(sub_seq_lens.max())),
         )
