@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from functools import cached_property
 
 import torch
+import torch.nn.functional as F
 
 from atman_vllm.core.jobs import KeyBias
 from atman_vllm.core.options import Mode
@@ -129,18 +130,52 @@ def attend_with_key_bias(query: torch.Tensor, keys: torch.Tensor, values: torch.
     ``query`` ``[q, heads, d]``; ``keys``/``values`` ``[s, kv_heads, d]`` (GQA:
     each KV head serves ``heads / kv_heads`` query heads); ``log_factors``
     ``[s]`` or None. Computes in float32 (float64 for float64 inputs) and
-    returns ``[q, heads, d]`` in the query's dtype.
+    returns ``[q, heads, d]`` in the query's dtype. A batch of one for
+    ``attend_batch_with_key_bias``.
+    """
+    q_len, seq_len = query.shape[0], keys.shape[0]
+    positions = torch.arange(seq_len - q_len, seq_len, device=query.device)[None]
+    rows = None if log_factors is None else log_factors[None]
+    return attend_batch_with_key_bias(query[None], keys[None], values[None], scale, positions, rows, mode)[0]
+
+
+def attend_batch_with_key_bias(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scale: float,
+                               query_positions: torch.Tensor, log_factors: torch.Tensor | None,
+                               mode: Mode) -> torch.Tensor:
+    """Causal attention of several sequences' query rows at once, each with its own key bias.
+
+    ``query`` ``[n, q, heads, d]``; ``keys``/``values`` ``[n, s, kv_heads, d]``;
+    ``query_positions`` ``[n, q]``: each query row's absolute position; it sees
+    the keys at positions <= its own, so key slots past a sequence's end (a
+    batch padded to its longest sequence) stay invisible as long as every
+    query row lies inside its sequence. ``log_factors`` ``[n, s]`` or None.
+    Computes in float32 (float64 for float64 inputs); returns ``[n, q, heads, d]``
+    in the query's dtype.
+
+    One fused kernel per batch where it can be (log-additive: the bias is an
+    additive mask, and SDPA serves GQA without repeating KV heads); the
+    multiplicative mode needs each row's minimum over its visible raw scores,
+    which SDPA does not expose, so it builds the scores explicitly.
     """
     compute = torch.float64 if query.dtype == torch.float64 else torch.float32
-    q_len, seq_len = query.shape[0], keys.shape[0]
-    group = query.shape[1] // keys.shape[1]
-    k = keys.to(compute).repeat_interleave(group, dim=1)
-    v = values.to(compute).repeat_interleave(group, dim=1)
-    scores = torch.einsum("qhd,khd->hqk", query.to(compute), k) * scale
+    n, q_len, heads, head_size = query.shape
+    seq_len, kv_heads = keys.shape[1], keys.shape[2]
+    q = query.to(compute).transpose(1, 2)  # [n, heads, q, d]
+    k = keys.to(compute).transpose(1, 2)  # [n, kv_heads, s, d]
+    v = values.to(compute).transpose(1, 2)
     key_pos = torch.arange(seq_len, device=query.device)
-    visible = key_pos[None, :] <= torch.arange(seq_len - q_len, seq_len, device=query.device)[:, None]
-    if log_factors is None:
-        scores = scores.masked_fill(~visible, -math.inf)
+    visible = key_pos[None, None, :] <= query_positions[:, :, None]  # [n, q, s]
+    if log_factors is None or Mode(mode) is Mode.LOG_ADDITIVE:
+        mask = torch.zeros(n, q_len, seq_len, dtype=compute, device=query.device)
+        if log_factors is not None:
+            mask += log_factors.to(compute)[:, None, :]
+        mask = mask.masked_fill(~visible, -math.inf)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None], scale=scale,
+                                             enable_gqa=heads != kv_heads)
     else:
-        scores = apply_key_bias(scores, visible, log_factors, Mode(mode) is Mode.MULTIPLICATIVE)
-    return torch.einsum("hqk,khd->qhd", torch.softmax(scores, dim=-1), v).to(query.dtype)
+        group = heads // kv_heads
+        # [n, kv_heads, group, q, s]: GQA by viewing the query heads per KV head.
+        scores = torch.einsum("nhgqd,nhkd->nhgqk", q.reshape(n, kv_heads, group, q_len, head_size), k) * scale
+        biased = apply_key_bias(scores, visible[:, None, None], log_factors[:, None, None, None, :], True)
+        out = torch.einsum("nhgqk,nhkd->nhgqd", torch.softmax(biased, dim=-1), v).reshape(n, heads, q_len, head_size)
+    return out.transpose(1, 2).to(query.dtype)

@@ -1,19 +1,24 @@
 """The AtMan attention backend for vLLM's CPU platform (CPU_ATTN).
 
 Unperturbed sequences run vLLM's stock kernel untouched. For the rows of a
-perturbed sequence the stock result is overwritten by ``attend_with_key_bias``,
-recomputed from the paged KV cache (so prefix blocks served from the prefix
-cache are attended to like any other). The step's per-row biases arrive on
+perturbed sequence the stock result is overwritten by
+``attend_batch_with_key_bias``, recomputed from the paged KV cache (so prefix
+blocks served from the prefix cache are attended to like any other) for a
+chunk of sequences per call: an explanation step holds tens of forks, and
+one gather and one fused attention per chunk replace ~20 small PyTorch ops
+per fork and layer (benchmarks/vllm_path/analysis.md). The step's per-row biases arrive on
 the attention metadata as ``atman_bias`` (see ``runner_hooks``).
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from vllm.v1.attention.backend import AttentionType
 from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend, CPUAttentionBackendImpl
 
-from atman_vllm.kernels.key_bias import KeyBiasCSR, attend_with_key_bias
+from atman_vllm.kernels.key_bias import KeyBiasCSR, attend_batch_with_key_bias
 
 from .biased_attention import BATCH_BIAS_ATTR, refuse_unsupported_features
 
@@ -86,17 +91,6 @@ class PagedKVLayout:
         return (k, v) if k and v else None
 
 
-def gather_sequence_kv(key_cache, value_cache, block_ids, seq_len: int, decode_keys, decode_values):
-    """All keys and values of one sequence, ``[seq_len, kv_heads, head_size]`` each."""
-    n = len(block_ids)
-    kv_heads, block_size, head_size = key_cache.shape[1:]
-    k = decode_keys(key_cache[block_ids].reshape(n, kv_heads, -1), block_size, head_size)
-    v = decode_values(value_cache[block_ids].reshape(n, kv_heads, -1), block_size, head_size)
-    k = k.permute(0, 2, 1, 3).reshape(n * block_size, kv_heads, head_size)[:seq_len]
-    v = v.permute(0, 2, 1, 3).reshape(n * block_size, kv_heads, head_size)[:seq_len]
-    return k, v
-
-
 class AtmanCPUAttentionBackendImpl(CPUAttentionBackendImpl):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
@@ -120,20 +114,76 @@ class AtmanCPUAttentionBackendImpl(CPUAttentionBackendImpl):
                                   batch_bias: dict[int, KeyBiasCSR]) -> None:
         num_blocks, num_kv_heads, block_size, _ = kv_cache.shape
         key_cache, value_cache = kv_cache.view(num_blocks, num_kv_heads, 2 * block_size, -1).chunk(2, dim=2)
-        decode_keys, decode_values = PagedKVLayout.decoders(
-            layer.isa, key_cache, value_cache, key, value, md.slot_mapping)
+        decoders = PagedKVLayout.decoders(layer.isa, key_cache, value_cache, key, value, md.slot_mapping)
         out = output.view(output.shape[0], self.num_heads, self.head_size)
         q_all = query.view(query.shape[0], self.num_heads, self.head_size)
-        qsl = md.query_start_loc.tolist()
-        seq_lens = md.seq_lens.tolist()
-        for row, bias in batch_bias.items():
-            q_start, q_end, seq_len = qsl[row], qsl[row + 1], seq_lens[row]
-            if q_end == q_start:
+        qsl, seq_lens = md.query_start_loc.tolist(), md.seq_lens.tolist()
+        rows = [PerturbedRow(r, qsl[r], qsl[r + 1] - qsl[r], seq_lens[r], b)
+                for r, b in batch_bias.items() if qsl[r + 1] > qsl[r]]
+        for chunk in recompute_chunks(rows, self.num_heads):
+            keys, values = gather_rows_kv(key_cache, value_cache, md.block_table, chunk, *decoders)
+            steps = torch.arange(max(r.q_len for r in chunk))
+            q_len = torch.tensor([r.q_len for r in chunk])
+            # Shorter query runs are padded by repeating their last row (so no row sees nothing); dropped after.
+            q_index = torch.tensor([r.q_start for r in chunk])[:, None] + torch.minimum(steps, q_len[:, None] - 1)
+            positions = torch.tensor([r.seq_len - r.q_len for r in chunk])[:, None] + torch.minimum(
+                steps, q_len[:, None] - 1)
+            log_factors = KeyBiasCSR.concat([r.bias for r in chunk]).dense(keys.shape[1])
+            attended = attend_batch_with_key_bias(q_all[q_index], keys, values, self.scale, positions,
+                                                  log_factors, chunk[0].bias.mode)
+            valid = steps[None, :] < q_len[:, None]
+            out[q_index[valid]] = attended[valid]
+
+
+@dataclass(frozen=True)
+class PerturbedRow:
+    """One perturbed sequence of a step: its query rows in the step and its length."""
+
+    row: int
+    q_start: int
+    q_len: int
+    seq_len: int
+    bias: KeyBiasCSR
+
+
+# Elements of the biggest per-chunk intermediate (the [rows, heads, queries, keys]
+# scores of the multiplicative mode; the log-additive mask is heads times smaller):
+# 16 M float32 = 64 MiB, transient, whatever the step holds.
+CHUNK_ELEMENTS = 16 << 20
+
+
+def recompute_chunks(rows: list[PerturbedRow], heads: int) -> list[list[PerturbedRow]]:
+    """The step's perturbed rows in batches for one attention call each: one mode per batch,
+    similar query lengths together (padding is to the longest), each batch within CHUNK_ELEMENTS."""
+    chunks: list[list[PerturbedRow]] = []
+    ordered = sorted(rows, key=lambda r: (r.bias.mode.value, r.q_len, r.seq_len), reverse=True)
+    for r in ordered:
+        chunk = chunks[-1] if chunks else None
+        if chunk and chunk[0].bias.mode is r.bias.mode:
+            q_max, s_max = chunk[0].q_len, max(max(c.seq_len for c in chunk), r.seq_len)
+            if (len(chunk) + 1) * heads * q_max * s_max <= CHUNK_ELEMENTS:
+                chunk.append(r)
                 continue
-            block_ids = md.block_table[row, : -(-seq_len // block_size)].long()
-            keys, values = gather_sequence_kv(key_cache, value_cache, block_ids, seq_len, decode_keys, decode_values)
-            out[q_start:q_end] = attend_with_key_bias(q_all[q_start:q_end], keys, values, self.scale,
-                                                      bias.dense(seq_len)[0], bias.mode)
+        chunks.append([r])
+    return chunks
+
+
+def gather_rows_kv(key_cache, value_cache, block_table, chunk: list[PerturbedRow], decode_keys, decode_values):
+    """Keys and values of the chunk's sequences, ``[n, s_max, kv_heads, head_size]`` each, in one gather.
+
+    Slots past a sequence's end hold whatever the block table points at; the
+    causal mask (query positions) keeps them invisible.
+    """
+    kv_heads, block_size, head_size = key_cache.shape[1:]
+    n, nb = len(chunk), -(-max(r.seq_len for r in chunk) // block_size)
+    block_ids = block_table[[r.row for r in chunk], :nb].long().reshape(-1)
+
+    def gather(cache, decode):
+        t = decode(cache[block_ids].reshape(n * nb, kv_heads, -1), block_size, head_size)
+        return t.reshape(n, nb, kv_heads, block_size, head_size).transpose(2, 3).reshape(
+            n, nb * block_size, kv_heads, head_size)
+
+    return gather(key_cache, decode_keys), gather(value_cache, decode_values)
 
 
 class AtmanCPUAttentionBackend(CPUAttentionBackend):

@@ -5,11 +5,12 @@
 
 Replays the attention recompute of representative explanation steps (the
 shapes vLLM schedules for a 512-token token-granularity explanation with
-4096 tokens per step) on a synthetic paged KV cache, and times the current
-``AtmanCPUAttentionBackendImpl._overwrite_perturbed_rows`` against the
-batched prototype in ``batched_recompute.py``, alternating the two and
-keeping the fastest of ``--repeats`` runs (robust to other jobs on the
-machine). Also checks that both write the same output rows.
+4096 tokens per step) on a synthetic paged KV cache, and times
+``AtmanCPUAttentionBackendImpl._overwrite_perturbed_rows`` with its chunks
+of sequences against one sequence per call (``recompute_variants.py``),
+alternating the two and keeping the fastest of ``--repeats`` runs (robust
+to other jobs on the machine). Also checks that both write the same output
+rows.
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ STEPS = [
 
 def make_step(torch, forks: int, q_len: int, seq_len: int):
     from atman_vllm.core.jobs import KeyBias
+    from atman_vllm.core.options import Mode
     from atman_vllm.kernels import KeyBiasCSR
 
     gen = torch.Generator().manual_seed(0)
@@ -55,7 +57,7 @@ def make_step(torch, forks: int, q_len: int, seq_len: int):
     )
     # One suppressed token per fork, inside the new tokens (token granularity, factor 0.1).
     first_new = seq_len - q_len
-    bias = {r: KeyBiasCSR.from_key_biases([KeyBias((first_new + (r * 7) % q_len,), (0.1,), "log-additive")])
+    bias = {r: KeyBiasCSR.from_key_biases([KeyBias((first_new + (r * 7) % q_len,), (0.1,), Mode.LOG_ADDITIVE)])
             for r in range(forks)}
     return query, kv_cache, md, bias
 
@@ -73,29 +75,30 @@ def main(argv=None) -> int:
     torch.set_num_threads(args.threads)
     from atman_vllm.vllm import backend_cpu
 
-    import batched_recompute
+    import recompute_variants
 
     # The layout detector needs freshly written keys; the layout does not matter for timing.
     backend_cpu.PagedKVLayout._by_isa["bench"] = ("plain", "plain")
     layer = SimpleNamespace(isa="bench")
     impl = SimpleNamespace(num_heads=HEADS, head_size=HEAD_SIZE, scale=1 / math.sqrt(HEAD_SIZE))
-    variants = {"current": batched_recompute._original, "batched": batched_recompute.overwrite_perturbed_rows_batched}
+    overwrite = backend_cpu.AtmanCPUAttentionBackendImpl._overwrite_perturbed_rows
     print(f"torch threads {torch.get_num_threads()}, GOMP_CPU_AFFINITY={os.environ.get('GOMP_CPU_AFFINITY')!r}")
-    print("| step (one layer) | current ms | batched ms | speed-up | max abs diff |")
+    print("| step (one layer) | one sequence per call, ms | chunked, ms | speed-up | max abs diff |")
     print("|---|---:|---:|---:|---:|")
     for name, forks, q_len, seq_len in STEPS:
         query, kv_cache, md, bias = make_step(torch, forks, q_len, seq_len)
-        outs, best = {}, {v: math.inf for v in variants}
+        outs, best = {}, {v: math.inf for v in recompute_variants.VARIANTS}
         for _ in range(args.repeats):
-            for v, fn in variants.items():
+            for v in recompute_variants.VARIANTS:
+                recompute_variants.use(v)
                 out = torch.zeros_like(query)
                 t0 = time.perf_counter()
-                fn(impl, layer, query, None, None, kv_cache, md, out, bias)
+                overwrite(impl, layer, query, None, None, kv_cache, md, out, bias)
                 best[v] = min(best[v], time.perf_counter() - t0)
                 outs[v] = out
-        diff = float((outs["current"] - outs["batched"]).abs().max())
-        print(f"| {name} | {best['current'] * 1e3:.1f} | {best['batched'] * 1e3:.1f} | "
-              f"{best['current'] / best['batched']:.2f}× | {diff:.1e} |", flush=True)
+        diff = float((outs["per-row"] - outs["chunked"]).abs().max())
+        print(f"| {name} | {best['per-row'] * 1e3:.1f} | {best['chunked'] * 1e3:.1f} | "
+              f"{best['per-row'] / best['chunked']:.2f}× | {diff:.1e} |", flush=True)
     return 0
 
 

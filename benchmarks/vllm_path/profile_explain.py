@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Where the time of method (a) goes: cProfile of one token-granularity explanation.
 
-    nice -n 10 .venv/bin/python benchmarks/vllm_path/profile_explain.py --length 512 [--variant current batched]
+    nice -n 10 .venv/bin/python benchmarks/vllm_path/profile_explain.py --length 512 [--variant chunked per-row]
 
 Runs ``AtmanLLM`` with the engine in this process
 (``VLLM_ENABLE_V1_MULTIPROCESSING=0``, so cProfile sees the model runner),
@@ -10,9 +10,9 @@ wall time down into: the stock CPU attention kernel, the PyTorch recompute of
 perturbed rows (backend_cpu), the MLPs, the q/k/v/o projections, target
 scoring, the rest of the model runner, and the engine outside the model
 runner (scheduling, input preparation, output processing). ``--variant
-batched`` swaps in ``batched_recompute`` (a prototype of the proposed
-speed-up) and checks that every fork's target cross-entropies agree with
-the current implementation's. cProfile adds overhead to Python-heavy parts
+per-row`` recomputes one perturbed sequence per attention call
+(``recompute_variants.py``) instead of the backend's chunks, and checks
+that every fork's target cross-entropies agree between the variants. cProfile adds overhead to Python-heavy parts
 (the per-row loop most), so the un-profiled wall time is reported too.
 """
 
@@ -81,7 +81,7 @@ def breakdown(stats: pstats.Stats) -> dict:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--length", type=int, default=512)
-    p.add_argument("--variant", nargs="+", default=["current"], choices=["current", "batched"])
+    p.add_argument("--variant", nargs="+", default=["chunked"], choices=["chunked", "per-row"])
     p.add_argument("--model-dir", default="/tmp/atman-vllm-bench/llama-h512-l8")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--pin", default="0 1", help="GOMP_CPU_AFFINITY for torch's OpenMP threads ('' = unpinned)")
@@ -105,7 +105,7 @@ def main(argv=None) -> int:
     from atman_vllm.api import AtmanLLM
     from atman_vllm.core import ExplainRequest, make_options
 
-    import batched_recompute
+    import recompute_variants
 
     llm = AtmanLLM(args.model_dir, enforce_eager=True, dtype="float32", block_size=32, max_model_len=1024,
                    kv_cache_memory_bytes=1 << 30)
@@ -119,7 +119,7 @@ def main(argv=None) -> int:
     # Un-profiled wall times, variants alternated so that changing machine load hits both alike.
     for _ in range(args.repeats):
         for variant in args.variant:
-            (batched_recompute.install if variant == "batched" else batched_recompute.uninstall)()
+            recompute_variants.use(variant)
             llm.llm.reset_prefix_cache()  # every run starts from a cold cache
             t0 = time.perf_counter()
             results = llm.run_jobs(plan.jobs)
@@ -127,7 +127,7 @@ def main(argv=None) -> int:
             ce[variant] = np.stack([r.target_ce for r in results])
             computed = sum(r.computed_tokens for r in results)
     for variant in args.variant:
-        (batched_recompute.install if variant == "batched" else batched_recompute.uninstall)()
+        recompute_variants.use(variant)
         entry = {"wall_s_unprofiled": walls[variant], "wall_s_min": min(walls[variant]),
                  "forks": len(plan.jobs) - 1, "computed_tokens": computed}
         if not args.no_profile:
@@ -147,9 +147,9 @@ def main(argv=None) -> int:
         report["variants"][variant] = entry
         print(json.dumps({variant: entry}, indent=2), flush=True)
     if len(ce) == 2:
-        report["max_abs_ce_diff_batched_vs_current"] = float(np.abs(ce["batched"] - ce["current"]).max())
-        print("max |CE(batched) - CE(current)| over all forks and target tokens:",
-              report["max_abs_ce_diff_batched_vs_current"], flush=True)
+        report["max_abs_ce_diff_per_row_vs_chunked"] = float(np.abs(ce["per-row"] - ce["chunked"]).max())
+        print("max |CE(per-row) - CE(chunked)| over all forks and target tokens:",
+              report["max_abs_ce_diff_per_row_vs_chunked"], flush=True)
     if args.json_out:
         Path(args.json_out).write_text(json.dumps(report, indent=2) + "\n")
     return 0
