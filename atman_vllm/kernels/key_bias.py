@@ -136,21 +136,54 @@ def attend_with_key_bias(query: torch.Tensor, keys: torch.Tensor, values: torch.
     q_len, seq_len = query.shape[0], keys.shape[0]
     positions = torch.arange(seq_len - q_len, seq_len, device=query.device)[None]
     rows = None if log_factors is None else log_factors[None]
-    return attend_batch_with_key_bias(query[None], keys[None], values[None], scale, positions, rows, mode)[0]
+    bias = CausalKeyBias(positions, rows, Mode(mode), seq_len)
+    return attend_batch_with_key_bias(query[None], keys[None], values[None], scale, bias)[0]
 
 
-def attend_batch_with_key_bias(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scale: float,
-                               query_positions: torch.Tensor, log_factors: torch.Tensor | None,
-                               mode: Mode) -> torch.Tensor:
-    """Causal attention of several sequences' query rows at once, each with its own key bias.
+@dataclass(frozen=True)
+class CausalKeyBias:
+    """Which keys each query row of a batch sees, and how they are biased.
 
-    ``query`` ``[n, q, heads, d]``; ``keys``/``values`` ``[n, s, kv_heads, d]``;
+    The part of biased attention that every layer of a step shares, so it is
+    built once per step (the CPU backend keeps it on the step's metadata).
     ``query_positions`` ``[n, q]``: each query row's absolute position; it sees
     the keys at positions <= its own, so key slots past a sequence's end (a
     batch padded to its longest sequence) stay invisible as long as every
-    query row lies inside its sequence. ``log_factors`` ``[n, s]`` or None.
-    Computes in float32 (float64 for float64 inputs); returns ``[n, q, heads, d]``
-    in the query's dtype.
+    query row lies inside its sequence. ``log_factors`` ``[n, num_keys]`` or
+    None (plain causal attention).
+    """
+
+    query_positions: torch.Tensor
+    log_factors: torch.Tensor | None
+    mode: Mode
+    num_keys: int
+
+    @cached_property
+    def visible(self) -> torch.Tensor:
+        """``[n, q, num_keys]`` bool."""
+        key_pos = torch.arange(self.num_keys, device=self.query_positions.device)
+        return key_pos[None, None, :] <= self.query_positions[:, :, None]
+
+    def additive_mask(self, dtype: torch.dtype) -> torch.Tensor:
+        """``[n, 1, q, num_keys]``: log f on visible keys, -inf elsewhere (the log-additive mode, or no bias)."""
+        mask = self.__dict__.get("_mask")
+        if mask is None or mask.dtype != dtype:
+            n, q = self.query_positions.shape
+            mask = torch.zeros(n, q, self.num_keys, dtype=dtype, device=self.query_positions.device)
+            if self.log_factors is not None:
+                mask += self.log_factors.to(dtype)[:, None, :]
+            mask = mask.masked_fill_(~self.visible, -math.inf)[:, None]
+            object.__setattr__(self, "_mask", mask)
+        return mask
+
+
+def attend_batch_with_key_bias(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scale: float,
+                               bias: CausalKeyBias) -> torch.Tensor:
+    """Causal attention of several sequences' query rows at once, each with its own key bias.
+
+    ``query`` ``[n, q, heads, d]``; ``keys``/``values`` ``[n, s, kv_heads, d]``
+    with ``s == bias.num_keys``. Computes in float32 (float64 for float64
+    inputs); returns ``[n, q, heads, d]`` in the query's dtype.
 
     One fused kernel per batch where it can be (log-additive: the bias is an
     additive mask, and SDPA serves GQA without repeating KV heads); the
@@ -159,23 +192,17 @@ def attend_batch_with_key_bias(query: torch.Tensor, keys: torch.Tensor, values: 
     """
     compute = torch.float64 if query.dtype == torch.float64 else torch.float32
     n, q_len, heads, head_size = query.shape
-    seq_len, kv_heads = keys.shape[1], keys.shape[2]
+    kv_heads = keys.shape[2]
     q = query.to(compute).transpose(1, 2)  # [n, heads, q, d]
     k = keys.to(compute).transpose(1, 2)  # [n, kv_heads, s, d]
     v = values.to(compute).transpose(1, 2)
-    key_pos = torch.arange(seq_len, device=query.device)
-    visible = key_pos[None, None, :] <= query_positions[:, :, None]  # [n, q, s]
-    if log_factors is None or Mode(mode) is Mode.LOG_ADDITIVE:
-        mask = torch.zeros(n, q_len, seq_len, dtype=compute, device=query.device)
-        if log_factors is not None:
-            mask += log_factors.to(compute)[:, None, :]
-        mask = mask.masked_fill(~visible, -math.inf)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None], scale=scale,
+    if bias.log_factors is None or bias.mode is Mode.LOG_ADDITIVE:
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias.additive_mask(compute), scale=scale,
                                              enable_gqa=heads != kv_heads)
     else:
         group = heads // kv_heads
         # [n, kv_heads, group, q, s]: GQA by viewing the query heads per KV head.
         scores = torch.einsum("nhgqd,nhkd->nhgqk", q.reshape(n, kv_heads, group, q_len, head_size), k) * scale
-        biased = apply_key_bias(scores, visible[:, None, None], log_factors[:, None, None, None, :], True)
+        biased = apply_key_bias(scores, bias.visible[:, None, None], bias.log_factors[:, None, None, None, :], True)
         out = torch.einsum("nhgqk,nhkd->nhgqd", torch.softmax(biased, dim=-1), v).reshape(n, heads, q_len, head_size)
     return out.transpose(1, 2).to(query.dtype)

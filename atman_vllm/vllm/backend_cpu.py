@@ -18,7 +18,7 @@ import torch
 from vllm.v1.attention.backend import AttentionType
 from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend, CPUAttentionBackendImpl
 
-from atman_vllm.kernels.key_bias import KeyBiasCSR, attend_batch_with_key_bias
+from atman_vllm.kernels.key_bias import CausalKeyBias, KeyBiasCSR, attend_batch_with_key_bias
 
 from .biased_attention import BATCH_BIAS_ATTR, refuse_unsupported_features
 
@@ -117,22 +117,10 @@ class AtmanCPUAttentionBackendImpl(CPUAttentionBackendImpl):
         decoders = PagedKVLayout.decoders(layer.isa, key_cache, value_cache, key, value, md.slot_mapping)
         out = output.view(output.shape[0], self.num_heads, self.head_size)
         q_all = query.view(query.shape[0], self.num_heads, self.head_size)
-        qsl, seq_lens = md.query_start_loc.tolist(), md.seq_lens.tolist()
-        rows = [PerturbedRow(r, qsl[r], qsl[r + 1] - qsl[r], seq_lens[r], b)
-                for r, b in batch_bias.items() if qsl[r + 1] > qsl[r]]
-        for chunk in recompute_chunks(rows, self.num_heads):
-            keys, values = gather_rows_kv(key_cache, value_cache, md.block_table, chunk, *decoders)
-            steps = torch.arange(max(r.q_len for r in chunk))
-            q_len = torch.tensor([r.q_len for r in chunk])
-            # Shorter query runs are padded by repeating their last row (so no row sees nothing); dropped after.
-            q_index = torch.tensor([r.q_start for r in chunk])[:, None] + torch.minimum(steps, q_len[:, None] - 1)
-            positions = torch.tensor([r.seq_len - r.q_len for r in chunk])[:, None] + torch.minimum(
-                steps, q_len[:, None] - 1)
-            log_factors = KeyBiasCSR.concat([r.bias for r in chunk]).dense(keys.shape[1])
-            attended = attend_batch_with_key_bias(q_all[q_index], keys, values, self.scale, positions,
-                                                  log_factors, chunk[0].bias.mode)
-            valid = steps[None, :] < q_len[:, None]
-            out[q_index[valid]] = attended[valid]
+        for chunk in step_recompute_plan(md, batch_bias, block_size, self.num_heads):
+            keys, values = chunk.gather_kv(key_cache, value_cache, *decoders)
+            attended = attend_batch_with_key_bias(q_all[chunk.q_index], keys, values, self.scale, chunk.bias)
+            out[chunk.q_index[chunk.valid]] = attended[chunk.valid]
 
 
 @dataclass(frozen=True)
@@ -146,10 +134,38 @@ class PerturbedRow:
     bias: KeyBiasCSR
 
 
+@dataclass(frozen=True)
+class RecomputeChunk:
+    """Perturbed sequences recomputed by one attention call, as every layer of the step needs them."""
+
+    block_ids: torch.Tensor  # [n * blocks_per_row]: each sequence's first blocks_per_row blocks, in order
+    blocks_per_row: int
+    q_index: torch.Tensor  # [n, q_max]: rows of the step's query; shorter runs repeat their last row
+    valid: torch.Tensor  # [n, q_max]: False where a row only pads
+    bias: CausalKeyBias
+
+    def gather_kv(self, key_cache, value_cache, decode_keys, decode_values):
+        """Keys and values of the chunk's sequences, ``[n, keys, kv_heads, head_size]`` each, one gather.
+
+        Slots past a sequence's end hold whatever its block table points at;
+        the causal mask (query positions) keeps them invisible.
+        """
+        kv_heads, block_size, head_size = key_cache.shape[1:]
+        n, nb = self.q_index.shape[0], self.blocks_per_row
+
+        def gather(cache, decode):
+            t = decode(cache[self.block_ids].reshape(n * nb, kv_heads, -1), block_size, head_size)
+            return t.reshape(n, nb, kv_heads, block_size, head_size).transpose(2, 3).reshape(
+                n, nb * block_size, kv_heads, head_size)
+
+        return gather(key_cache, decode_keys), gather(value_cache, decode_values)
+
+
 # Elements of the biggest per-chunk intermediate (the [rows, heads, queries, keys]
 # scores of the multiplicative mode; the log-additive mask is heads times smaller):
 # 16 M float32 = 64 MiB, transient, whatever the step holds.
 CHUNK_ELEMENTS = 16 << 20
+_PLAN_ATTR = "_atman_recompute_plan"
 
 
 def recompute_chunks(rows: list[PerturbedRow], heads: int) -> list[list[PerturbedRow]]:
@@ -168,22 +184,34 @@ def recompute_chunks(rows: list[PerturbedRow], heads: int) -> list[list[Perturbe
     return chunks
 
 
-def gather_rows_kv(key_cache, value_cache, block_table, chunk: list[PerturbedRow], decode_keys, decode_values):
-    """Keys and values of the chunk's sequences, ``[n, s_max, kv_heads, head_size]`` each, in one gather.
+def step_recompute_plan(md, batch_bias: dict[int, KeyBiasCSR], block_size: int, heads: int) -> list[RecomputeChunk]:
+    """The step's recompute chunks, built in its first attention layer and kept on its metadata:
+    every layer of a step attends with the same rows, lengths, blocks and biases."""
+    cached = md.__dict__.get(_PLAN_ATTR)
+    if cached is not None and cached[0] is batch_bias:  # the biases are attached anew every step
+        return cached[1]
+    qsl, seq_lens = md.query_start_loc.tolist(), md.seq_lens.tolist()
+    rows = [PerturbedRow(r, qsl[r], qsl[r + 1] - qsl[r], seq_lens[r], b)
+            for r, b in batch_bias.items() if qsl[r + 1] > qsl[r]]
+    plan = [_chunk(c, md.block_table, block_size) for c in recompute_chunks(rows, heads)]
+    md.__dict__[_PLAN_ATTR] = (batch_bias, plan)
+    return plan
 
-    Slots past a sequence's end hold whatever the block table points at; the
-    causal mask (query positions) keeps them invisible.
-    """
-    kv_heads, block_size, head_size = key_cache.shape[1:]
-    n, nb = len(chunk), -(-max(r.seq_len for r in chunk) // block_size)
-    block_ids = block_table[[r.row for r in chunk], :nb].long().reshape(-1)
 
-    def gather(cache, decode):
-        t = decode(cache[block_ids].reshape(n * nb, kv_heads, -1), block_size, head_size)
-        return t.reshape(n, nb, kv_heads, block_size, head_size).transpose(2, 3).reshape(
-            n, nb * block_size, kv_heads, head_size)
-
-    return gather(key_cache, decode_keys), gather(value_cache, decode_values)
+def _chunk(rows: list[PerturbedRow], block_table: torch.Tensor, block_size: int) -> RecomputeChunk:
+    nb = -(-max(r.seq_len for r in rows) // block_size)
+    steps = torch.arange(max(r.q_len for r in rows))
+    q_len = torch.tensor([r.q_len for r in rows])
+    last = torch.minimum(steps, q_len[:, None] - 1)  # padding repeats a run's last row (so no row sees nothing)
+    positions = torch.tensor([r.seq_len - r.q_len for r in rows])[:, None] + last
+    log_factors = KeyBiasCSR.concat([r.bias for r in rows]).dense(nb * block_size)
+    return RecomputeChunk(
+        block_ids=block_table[[r.row for r in rows], :nb].long().reshape(-1),
+        blocks_per_row=nb,
+        q_index=torch.tensor([r.q_start for r in rows])[:, None] + last,
+        valid=steps[None, :] < q_len[:, None],
+        bias=CausalKeyBias(positions, log_factors, rows[0].bias.mode, nb * block_size),
+    )
 
 
 class AtmanCPUAttentionBackend(CPUAttentionBackend):

@@ -11,7 +11,7 @@ import torch
 
 from atman_vllm.core.jobs import KeyBias
 from atman_vllm.core.options import Mode
-from atman_vllm.kernels.key_bias import KeyBiasCSR, attend_batch_with_key_bias
+from atman_vllm.kernels.key_bias import CausalKeyBias, KeyBiasCSR, attend_batch_with_key_bias
 from atman_vllm.vllm.backend_cpu import CHUNK_ELEMENTS, PerturbedRow, recompute_chunks
 from tolerances import assert_close
 
@@ -49,7 +49,7 @@ def test_batch_equals_each_sequence_alone(mode, heads, kv_heads):
     log_f = KeyBiasCSR.from_key_biases(biases).dense(s_max)
     steps = torch.arange(q_max)
     positions = torch.stack([s - q + torch.minimum(steps, torch.tensor(q - 1)) for q, s in shapes])
-    got = attend_batch_with_key_bias(query, keys, values, 0.25, positions, log_f, mode)
+    got = attend_batch_with_key_bias(query, keys, values, 0.25, CausalKeyBias(positions, log_f, mode, s_max))
     for i, (q, s) in enumerate(shapes):
         want = one_sequence(query[i, :q], keys[i, :s], values[i, :s], 0.25, s - q, log_f[i, :s], mode)
         assert_close(got[i, :q], want, torch.float32, what=f"sequence {i} ({mode.value}, {heads}/{kv_heads} heads)")
@@ -58,7 +58,7 @@ def test_batch_equals_each_sequence_alone(mode, heads, kv_heads):
 def test_no_bias_is_plain_causal_attention():
     gen = torch.Generator().manual_seed(3)
     q, k, v = (torch.randn(1, 9, 2, 8, generator=gen) for _ in range(3))
-    got = attend_batch_with_key_bias(q, k, v, 0.3, torch.arange(9)[None], None, Mode.LOG_ADDITIVE)
+    got = attend_batch_with_key_bias(q, k, v, 0.3, CausalKeyBias(torch.arange(9)[None], None, Mode.LOG_ADDITIVE, 9))
     want = torch.nn.functional.scaled_dot_product_attention(
         q.transpose(1, 2).double(), k.transpose(1, 2).double(), v.transpose(1, 2).double(), is_causal=True,
         scale=0.3).transpose(1, 2)
