@@ -24,8 +24,9 @@ So the ratio atman / stock is AtMan's overhead per computed token (the
 perturbed-row attention recompute), independent of block rounding, which
 both pay alike and which is reported apart: computed tokens against the
 token floor Σ(L − pᵢ) + L. Each side runs in its own process (plugins are
-per process) with the same threads; runs alternate and the minimum of
-``--repeats`` counts (the machines are noisy). Writes
+per process) with the same threads; the minimum of ``--repeats`` runs
+counts, in wall time and in the vLLM worker's CPU seconds (which moves far
+less than wall time when other jobs share the machine). Writes
 ``benchmarks/results/floor.md`` and ``floor.json``.
 """
 
@@ -41,7 +42,25 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
+sys.path.insert(0, str(HERE))
 TARGET_TOKENS = 4
+
+
+class Timed:
+    """Wall seconds and the vLLM worker's CPU seconds of a block (the worker does the model's work;
+    its CPU time moves far less than wall time when other jobs share the machine)."""
+
+    def __enter__(self):
+        import psutil
+
+        from process_tree import tree_cpu_seconds
+
+        self._cpu = lambda: sum(v for k, v in tree_cpu_seconds(psutil.Process()).items() if "Worker" in k)
+        self.cpu0, self.t0 = self._cpu(), time.perf_counter()
+        return self
+
+    def __exit__(self, *exc):
+        self.wall_s, self.worker_cpu_s = time.perf_counter() - self.t0, self._cpu() - self.cpu0
 
 
 def parse_args(argv=None):
@@ -93,13 +112,14 @@ def run_atman(spec: dict) -> dict:
         jobs = [ForkJob(tuple(ids), target_start)] + [
             ForkJob(tuple(ids), target_start, KeyBias((p,), (0.1,), Mode.LOG_ADDITIVE)) for p in range(1, target_start)]
         llm.run_jobs(jobs[:8])  # warm-up (other requests' shapes)
-        runs = []
+        runs, cpu = [], []
         for _ in range(spec["repeats"]):
             llm.llm.reset_prefix_cache()
-            t0 = time.perf_counter()
-            results = llm.run_jobs(jobs)
-            runs.append(time.perf_counter() - t0)
-        out[length] = {"wall_s": runs, "computed_tokens": sum(r.computed_tokens for r in results),
+            with Timed() as t:
+                results = llm.run_jobs(jobs)
+            runs.append(t.wall_s)
+            cpu.append(t.worker_cpu_s)
+        out[length] = {"wall_s": runs, "worker_cpu_s": cpu, "computed_tokens": sum(r.computed_tokens for r in results),
                        "first_positions": [j.bias.first_position for j in jobs[1:]], "forks": len(jobs) - 1}
     return out
 
@@ -117,15 +137,16 @@ def run_stock(spec: dict) -> dict:
         # Fork i's request: the prompt with another token at its first perturbed position.
         forks = [ids[:p] + [(ids[p] + 1) % vocab] + ids[p + 1:] for p in firsts]
         llm.generate([TokensPrompt(prompt_token_ids=f) for f in forks[:8]], params, use_tqdm=False)
-        runs = []
+        runs, cpu = [], []
         for _ in range(spec["repeats"]):
             llm.reset_prefix_cache()
-            t0 = time.perf_counter()
-            base = llm.generate([TokensPrompt(prompt_token_ids=ids)], params, use_tqdm=False)
-            outs = llm.generate([TokensPrompt(prompt_token_ids=f) for f in forks], params, use_tqdm=False)
-            runs.append(time.perf_counter() - t0)
+            with Timed() as t:
+                base = llm.generate([TokensPrompt(prompt_token_ids=ids)], params, use_tqdm=False)
+                outs = llm.generate([TokensPrompt(prompt_token_ids=f) for f in forks], params, use_tqdm=False)
+            runs.append(t.wall_s)
+            cpu.append(t.worker_cpu_s)
         computed = sum(len(o.prompt_token_ids) - (o.num_cached_tokens or 0) for o in base + outs)
-        out[length] = {"wall_s": runs, "computed_tokens": computed}
+        out[length] = {"wall_s": runs, "worker_cpu_s": cpu, "computed_tokens": computed}
     return out
 
 
@@ -162,14 +183,16 @@ def render(report: dict) -> str:
         "Regenerate: `benchmarks/vllm_path/bench_floor.py` (see its docstring).",
         "",
         "| L | block | forks | token floor Σ(L − pᵢ) + L | computed (atman) | computed (stock) | block rounding | "
-        "atman s | stock (floor) s | atman / floor | atman ms per computed token | stock ms |",
-        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "atman s | stock (floor) s | atman / floor (wall) | worker CPU s atman / stock | atman / floor (CPU) | "
+        "atman ms per computed token | stock ms |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for row in report["rows"]:
         lines.append(
             f"| {row['length']} | {row['block_size']} | {row['forks']} | {row['token_floor']:,} | "
             f"{row['atman_computed']:,} | {row['stock_computed']:,} | {row['atman_computed'] / row['token_floor']:.3f}× | "
             f"{row['atman_s']:.2f} | {row['stock_s']:.2f} | **{row['atman_s'] / row['stock_s']:.2f}×** | "
+            f"{row['atman_cpu_s']:.1f} / {row['stock_cpu_s']:.1f} | **{row['atman_cpu_s'] / row['stock_cpu_s']:.2f}×** | "
             f"{1e3 * row['atman_s'] / row['atman_computed']:.3f} | {1e3 * row['stock_s'] / row['stock_computed']:.3f} |")
     return "\n".join(lines) + "\n"
 
@@ -199,6 +222,7 @@ def main(argv=None) -> int:
             rows.append(dict(length=n, block_size=block_size, forks=a["forks"], token_floor=floor,
                              atman_computed=a["computed_tokens"], stock_computed=s["computed_tokens"],
                              atman_s=min(a["wall_s"]), stock_s=min(s["wall_s"]),
+                             atman_cpu_s=min(a["worker_cpu_s"]), stock_cpu_s=min(s["worker_cpu_s"]),
                              atman_runs=a["wall_s"], stock_runs=s["wall_s"]))
     report = dict(model=args.model, bind=args.vllm_bind, repeats=args.repeats,
                   load=" / ".join(f"{x:.1f}" for x in loads), rows=rows)
