@@ -40,6 +40,25 @@ REPO = HERE.parents[1]
 DEMO_DIR = REPO / "atman_vllm" / "models" / "default"
 GRANULARITY = {"demo": "token", "smollm2-135m-instruct": "sentence"}
 GOAL = 0.25
+NOTES = """### Reading the table
+
+- A later question's forks compute only what follows the document's last whole block: the
+  question, the target, and the block that holds both the document's end and the question's
+  start (block-granular sharing, 32 tokens); its question units' forks add a few tokens each.
+  Everything before comes from the prefix cache: the unperturbed blocks, and the perturbed
+  document blocks the first question's fork of the same unit computed (docs/design.md, "Many
+  questions, one document").
+- Time falls less than tokens: every fork still costs a request's fixed overhead (planning its
+  bias, admission, scheduling, one sampled token), ~7 ms per fork on the demo model here, which
+  dominates when a fork computes ~10 tokens.
+- *One call* is what `explain_many` adds to the first question alone; on this shared machine that
+  difference is within the noise of the first question's own time (it can come out negative,
+  shown as 0), so the across-calls rows are the better time estimate; the tokens of both are exact.
+- Across calls the first question's fork blocks must still be cached: ~n·L/2 tokens of KV. That
+  fits the 1 GiB default for the demo model's token units (3 KiB/token) and SmolLM2's sentence
+  units; SmolLM2's token units (~145 k tokens × 45 KiB ≈ 6.3 GiB) would be evicted before the next
+  call, so for them only `explain_many` (forks of one unit side by side) or a larger KV cache
+  reuses the document."""
 
 
 def parse_args(argv=None):
@@ -180,6 +199,10 @@ def summarize(record: dict) -> dict:
     }
 
 
+def ordinal(k: int) -> str:
+    return f"{k}{'nd' if k == 2 else 'rd' if k == 3 else 'th'}"
+
+
 def markdown(report: dict) -> str:
     lines = ["# Many questions, one document", "",
              f"Run {report['date']} on {report['machine']} ({report['threads']} threads; load average at the end "
@@ -198,20 +221,20 @@ def markdown(report: dict) -> str:
         lines += [f"## {rec['model']} — {rec['granularity']} units, {rec['document_tokens']} document tokens",
                   "",
                   f"{rec['units'][0]} units per question, {rec['sequence_tokens'][0]} tokens per sequence; KV cache "
-                  f"{kv:.0f} MiB ({rec['num_kv_blocks']} blocks of {rec['block_size']}); load average "
-                  f"{rec['load_avg_end'][0]:.2f}.", "",
+                  f"{kv:.0f} MiB ({rec['num_kv_blocks']} blocks of {rec['block_size']}); load average at the end "
+                  f"(1/5/15 min) {' / '.join(f'{x:.1f}' for x in rec['load_avg_end'])}.", "",
                   "| question | computed tokens | cached tokens | × first (tokens) | time (s) | × first (time) |",
                   "|---|---:|---:|---:|---:|---:|"]
         f = s["first"]
         lines.append(f"| 1st, alone (cold) | {f['computed_tokens']:,} | {f['cached_tokens']:,} | 1 | {f['wall_s']:.2f} | 1 |")
         for k, a in enumerate(s["across_calls"], start=2):
-            lines.append(f"| {k}th, next call | {a['computed_tokens']:,} | {a['cached_tokens']:,} | "
+            lines.append(f"| {ordinal(k)}, next call | {a['computed_tokens']:,} | {a['cached_tokens']:,} | "
                          f"{a['token_ratio']:.3f} | {a['wall_s']:.2f} | {a['time_ratio']:.3f} |")
         o = s["one_call"]
         lines.append(f"| 1st, in one call | {o['first_request']['computed_tokens']:,} | "
                      f"{o['first_request']['cached_tokens']:,} | – | – | – |")
         for k, q in enumerate(o["later"], start=2):
-            lines.append(f"| {k}th, in one call | {q['computed_tokens']:,} | {q['cached_tokens']:,} | "
+            lines.append(f"| {ordinal(k)}, in one call | {q['computed_tokens']:,} | {q['cached_tokens']:,} | "
                          f"{q['token_ratio']:.3f} | {o['marginal_s']:.2f} (marginal) | {o['time_ratio']:.3f} |")
         lines += ["", f"One call of all {len(o['later']) + 1} questions: {o['wall_s']:.2f} s. "
                       f"Tokens identical in every repeat: {s['tokens_same_in_every_repeat']}.", ""]
@@ -243,7 +266,7 @@ def main(argv=None) -> int:
         rec["summary"] = summarize(rec)
         print(json.dumps(rec["summary"], indent=1), flush=True)
         records.append(rec)
-    report = {"date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+    report = {"notes": NOTES, "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
               "machine": f"{os.cpu_count()} CPUs", "threads": args.threads, "repeats": args.repeats,
               "records": records}
     if not args.no_write:

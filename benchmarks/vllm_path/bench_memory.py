@@ -141,7 +141,9 @@ def worker(args) -> int:
             record.update(prompt_tokens=plan.encoded.target_start, sequence_tokens=plan.num_tokens,
                           units=plan.num_units, forks_run=len(jobs) - 1,
                           computed_tokens=sum(r.computed_tokens for r in results))
-    record.update(peak_rss=win.peak_rss, start_rss=win.start_rss, wall_s=win.wall_s, load_1m=win.load_1m)
+    record.update(peak_rss=win.peak_rss, start_rss=win.start_rss, wall_s=win.wall_s, load_1m=win.load_1m,
+                  growth_by_process={k.split(" ", 1)[1]: v - win.start_rss_by_process.get(k, 0)
+                                     for k, v in win.peak_rss_by_process.items()})
     cache = llm.vllm_config.cache_config
     sched = llm.vllm_config.scheduler_config
     record.update(kv_cache_bytes=int(cache.kv_cache_memory_bytes or 0), max_num_batched_tokens=sched.max_num_batched_tokens,
@@ -160,7 +162,7 @@ def markdown(report: dict) -> str:
              "allocated up front, max_model_len 1,024) after the same warm-up; peak RSS sampled every 50 ms "
              "(shared pages count once per process). Goal: explain peak ≤ "
              f"{GOAL}× generation peak at the same length.", "",
-             "| model | prompt tokens | mode | idle MiB | peak MiB | peak above idle MiB | explain peak / this peak |",
+             "| model | prompt tokens | mode | idle MiB | peak MiB | peak above idle MiB (each process's own growth) | explain peak / this peak |",
              "|---|---:|---|---:|---:|---:|---:|"]
     for m in report["models"]:
         e = m["explain"]
@@ -170,8 +172,9 @@ def markdown(report: dict) -> str:
                      "generate-batch": f"generate ({r.get('generations', '?')} prompts at once: one full step)",
                      "explain": f"explain (token units, {e.get('forks_run', '?')} of {e.get('units', '?')} forks run)"}[mode]
             ratio = e["peak_rss"] / r["peak_rss"]
+            growth = ", ".join(f"{k} {v / MIB:+,.0f}" for k, v in r.get("growth_by_process", {}).items())
             lines.append(f"| {m['model']} | {r['prompt_tokens']} | {label} | {r['idle_rss'] / MIB:,.0f} | "
-                         f"{r['peak_rss'] / MIB:,.0f} | {(r['peak_rss'] - r['idle_rss']) / MIB:,.0f} | "
+                         f"{r['peak_rss'] / MIB:,.0f} | {(r['peak_rss'] - r['idle_rss']) / MIB:,.0f} ({growth}) | "
                          f"{'**' if mode == 'generate' else ''}{ratio:.3f}{'**' if mode == 'generate' else ''} |")
     m0 = report["models"][0]["explain"]
     lines += ["", f"Engine step: at most {m0['max_num_batched_tokens']} tokens, {m0['max_num_seqs']} sequences "
