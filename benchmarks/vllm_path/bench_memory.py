@@ -50,6 +50,8 @@ def parse_args(argv=None):
     p.add_argument("--length", type=int, default=512)
     p.add_argument("--forks", type=int, default=64)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--max-num-batched-tokens", type=int, help="the engine's step size (default: vLLM's)")
+    p.add_argument("--modes", nargs="+", default=["generate", "generate-batch", "explain"])
     p.add_argument("--llama-dir", default="/tmp/atman-vllm-bench/llama-32k")
     p.add_argument("--out-dir", default=str(REPO / "benchmarks" / "results"))
     p.add_argument("--no-write", action="store_true")
@@ -104,7 +106,8 @@ def worker(args) -> int:
     name, mode = args.worker
     path = model_dir(name, args)
     sampler = TreeSampler()
-    llm = AtmanLLM(path, enforce_eager=True, dtype="float32", block_size=32, max_model_len=1024)
+    step = {"max_num_batched_tokens": args.max_num_batched_tokens} if args.max_num_batched_tokens else {}
+    llm = AtmanLLM(path, enforce_eager=True, dtype="float32", block_size=32, max_model_len=1024, **step)
     tok = llm.tokenizer.tok
     # The same warm-up in both modes: each path's first call allocates what later calls reuse.
     warm = document_and_questions(tok, 64, 1, seed=1)[1][0]
@@ -192,11 +195,13 @@ def main(argv=None) -> int:
     models = []
     for name in args.models:
         rec = {"model": name}
-        for mode in ("generate", "generate-batch", "explain"):
+        for mode in args.modes:
             out = Path(f"/tmp/atman-memory-{name}-{mode}.json")
             cmd = [sys.executable, __file__, "--worker", name, mode, "--worker-out", str(out), "--length",
                    str(args.length), "--forks", str(args.forks), "--threads", str(args.threads),
                    "--llama-dir", args.llama_dir]
+            if args.max_num_batched_tokens:
+                cmd += ["--max-num-batched-tokens", str(args.max_num_batched_tokens)]
             print("running", " ".join(cmd), flush=True)
             subprocess.run(cmd, check=True, env=env, cwd=REPO)
             rec[mode] = json.loads(out.read_text())
