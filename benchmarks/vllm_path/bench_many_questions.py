@@ -55,10 +55,14 @@ NOTES = """### Reading the table
   difference is within the noise of the first question's own time (it can come out negative,
   shown as 0), so the across-calls rows are the better time estimate; the tokens of both are exact.
 - Across calls the first question's fork blocks must still be cached: ~n·L/2 tokens of KV. That
-  fits the 1 GiB default for the demo model's token units (3 KiB/token) and SmolLM2's sentence
-  units; SmolLM2's token units (~145 k tokens × 45 KiB ≈ 6.3 GiB) would be evicted before the next
-  call, so for them only `explain_many` (forks of one unit side by side) or a larger KV cache
-  reuses the document."""
+  fits the 1 GiB default for the demo model's token units (3 KiB/token, 10,922 blocks). It does
+  **not** fit for SmolLM2 even with sentence units: 1 GiB holds 728 blocks (23 k tokens at 45 KiB
+  per token) and the first question's forks wrote ~26 k tokens, so LRU evicted the document blocks
+  before the next call (0.98× the first's tokens). In one call the forks of one unit run side by
+  side and the later questions compute 0.035× the first's tokens. Across calls on SmolLM2 needs a
+  KV cache above ~n·L/2 tokens (`kv_cache_memory_bytes`).
+- Token counts are deterministic except for a few blocks when two forks of one unit land in the
+  same engine step (the first question's count in one call: 25,843 or 25,875 between repeats)."""
 
 
 def parse_args(argv=None):
