@@ -388,10 +388,27 @@ class AsyncAtmanLLM(_AtmanEngineMixin):
 
         Cancelling the awaiting task aborts every fork still running.
         """
-        from atman_vllm.core.steps import GenerateTarget, PlanRequest, explanation_steps, run_steps_async
+        from atman_vllm.core.steps import explanation_steps
+
+        return await self._run_explanation(explanation_steps(request, max_tokens), request, plan, request_id,
+                                           on_progress)
+
+    async def explain_many(self, requests: Sequence[ExplainRequest], *, request_id: str | None = None,
+                           on_progress: Callable[[int, int], None] | None = None) -> list[ExplainResult]:
+        """Explain several requests together (e.g. questions over one document): planned first, then
+        each round's forks of all of them at once (``core.steps.lockstep_steps``), so the forks
+        suppressing the same document unit run side by side and share its perturbed blocks."""
+        from atman_vllm.core.steps import explanation_steps, lockstep_steps
+
+        return await self._run_explanation(lockstep_steps([explanation_steps(r) for r in requests]), None, None,
+                                           request_id, on_progress)
+
+    async def _run_explanation(self, steps, given: ExplainRequest | None, plan, request_id: str | None,
+                               on_progress: Callable[[int, int], None] | None):
+        """Answer an explanation's steps on this engine (``plan``: the caller's plan for ``given``)."""
+        from atman_vllm.core.steps import GenerateTarget, PlanRequest, run_steps_async
 
         request_id = request_id or uuid.uuid4().hex
-        given = request
         # A hierarchical search runs several rounds of forks: progress counts across them (the
         # total grows by each round's passes as it starts), and each round's engine requests get
         # ids of their own.
@@ -413,7 +430,7 @@ class AsyncAtmanLLM(_AtmanEngineMixin):
             rounds["done"] += len(step.jobs)
             return results
 
-        return await run_steps_async(explanation_steps(request, max_tokens), answer)
+        return await run_steps_async(steps, answer)
 
     async def _run_jobs(self, jobs: Sequence[ForkJob], request_id: str,
                         on_progress: Callable[[int, int], None] | None = None) -> list[ForkResult]:

@@ -19,7 +19,7 @@ from .jobs import ForkJob, ForkResult
 from .planning import ExplainPlan, plan_explanation
 from .requests import ExplainRequest
 from .results import ExplainResult
-from .steps import GenerateTarget, PlanRequest, Step, explanation_steps, run_steps
+from .steps import GenerateTarget, PlanRequest, Step, explanation_steps, lockstep_steps, run_steps
 from .tokens import Tokenizer
 
 
@@ -73,32 +73,8 @@ class Explainer(ABC):
 
     def explain_many(self, requests: Sequence[ExplainRequest]) -> list[ExplainResult]:
         """Plan all requests (any invalid one fails before anything runs), then run their steps in
-        lockstep: each round's forks of every request in one ``run_jobs`` call, so the backend can
-        batch across requests (one round for exhaustive search; a hierarchical search has several).
-        Each result's ``elapsed_s`` runs from the batch's start to that request's last round."""
-        steps = [explanation_steps(r) for r in requests]
-        pending = {i: next(s) for i, s in enumerate(steps)}  # each asks for its plan first
-        plans = {i: self.plan(step.request) for i, step in pending.items()}
-        out: list[ExplainResult | None] = [None] * len(requests)
-
-        def advance(i: int, answer) -> None:
-            try:
-                pending[i] = steps[i].send(answer)
-            except StopIteration as done:
-                del pending[i]
-                out[i] = done.value
-
-        for i, plan in plans.items():
-            advance(i, plan)
-        while pending:
-            order = sorted(pending)
-            all_jobs = [job for i in order for job in pending[i].jobs]
-            results = self.run_jobs(all_jobs) if all_jobs else []
-            if len(results) != len(all_jobs):
-                raise ValueError(f"run_jobs returned {len(results)} results for {len(all_jobs)} jobs")
-            k = 0
-            for i in order:
-                n = len(pending[i].jobs)
-                advance(i, results[k:k + n])
-                k += n
-        return out  # type: ignore[return-value]
+        lockstep (``core.steps.lockstep_steps``): each round's forks of every request in one
+        ``run_jobs`` call, so the backend can batch across requests (one round for exhaustive
+        search; a hierarchical search has several). Each result's ``elapsed_s`` runs from the
+        batch's start to that request's last round."""
+        return run_steps(lockstep_steps([explanation_steps(r) for r in requests]), self.answer_step)

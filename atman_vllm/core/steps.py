@@ -23,7 +23,7 @@ scoring are written once.
 from __future__ import annotations
 
 import time
-from collections.abc import Awaitable, Callable, Generator
+from collections.abc import Awaitable, Callable, Generator, Sequence
 from dataclasses import dataclass, replace
 from typing import Any, TypeVar, Union
 
@@ -69,6 +69,44 @@ def explanation_steps(request: ExplainRequest, generate_tokens: int | None = Non
     if len(results) != len(plan.jobs):
         raise ValueError(f"{len(plan.jobs)} jobs got {len(results)} results")
     return plan.finish(results, time.perf_counter() - started)
+
+
+def lockstep_steps(steps: Sequence[Steps[T]]) -> Steps[list[T]]:
+    """Several explanations' steps as one sequence (``explain_many``, sync and async): every
+    request's steps before its first ``RunForks`` are passed through in request order (so all are
+    planned, and an invalid one fails, before anything runs); then each round's ``RunForks`` of
+    every request still running is merged into one, so the backend batches across requests (on
+    vLLM, forks suppressing the same document unit under several questions run side by side:
+    ``vllm/parallel.py: fork_waves``). A non-fork step a request asks for after its first round
+    is passed through alone. Returns the results in request order."""
+    out: list[Any] = [None] * len(steps)
+    pending: dict[int, RunForks] = {}
+
+    def until_forks(i: int, step: Step | None, answer: Any = None) -> Steps[None]:
+        # Request i from ``step`` (None: send ``answer`` for its last step) to its next RunForks,
+        # passing other steps through, or to its end.
+        try:
+            if step is None:
+                step = steps[i].send(answer)
+            while not isinstance(step, RunForks):
+                step = steps[i].send((yield step))
+            pending[i] = step
+        except StopIteration as done:
+            out[i] = done.value
+
+    firsts = [next(s) for s in steps]  # every request's clock starts with the batch's
+    for i, step in enumerate(firsts):
+        yield from until_forks(i, step)
+    while pending:
+        order = sorted(pending)
+        counts = [len(pending[i].jobs) for i in order]
+        merged = yield RunForks(tuple(job for i in order for job in pending.pop(i).jobs))
+        if len(merged) != sum(counts):
+            raise ValueError(f"{len(merged)} results for {sum(counts)} jobs")
+        starts = [sum(counts[:k]) for k in range(len(order))]
+        for i, k, n in zip(order, starts, counts):
+            yield from until_forks(i, None, list(merged[k:k + n]))
+    return out
 
 
 def run_steps(steps: Steps[T], answer: Callable[[Step], Any]) -> T:

@@ -146,28 +146,37 @@ class AtmanRequestInfo:
             raise InvalidPayload(f"target_start {info.target_start} lies outside 1..{num_prompt_tokens - 1}")
         return info
 
-    @property
-    def bias_digest(self) -> str:
-        """Identifies the perturbation; two equal perturbations give equal KV."""
+    def bias_digest(self, start: int = 0, end: int | None = None) -> str:
+        """Identifies the perturbation's entries at positions [start, end) (default: all of them);
+        "" when there are none. Equal entries give equal KV in that range, given equal earlier KV."""
         b = self.bias
         if b is None:
             return ""
-        payload = repr((Mode(b.mode).value, b.positions, tuple(float(f).hex() for f in b.factors)))
+        entries = [(p, float(f).hex()) for p, f in zip(b.positions, b.factors)
+                   if start <= p and (end is None or p < end)]
+        if not entries:
+            return ""
+        payload = repr((Mode(b.mode).value, tuple(entries)))
         return hashlib.blake2b(payload.encode(), digest_size=16).hexdigest()
 
     def block_hash_keys(self, start: int, end: int) -> tuple:
         """Extra prefix-cache keys for the block of token positions [start, end).
 
         Block hashes are chained, so a block only needs the bias entries that
-        fall inside it: every later block inherits them through its parent.
-        Blocks before the first perturbed position get no key and are shared
-        with the unperturbed run. Blocks holding a position whose logits score
-        the target get a per-request nonce: they must always be computed.
+        fall inside it: every later block inherits them through its parent,
+        and attention is causal, so entries after the block cannot change its
+        KV. Two perturbations that agree up to a block's end therefore share
+        it: the same document unit suppressed under two different questions
+        (correlated suppression adds entries in each question's own tokens,
+        which lie in later blocks). Blocks before the first perturbed position
+        get no key and are shared with the unperturbed run. Blocks holding a
+        position whose logits score the target get a per-request nonce: they
+        must always be computed.
         """
         keys: list = []
-        b = self.bias
-        if b is not None and any(start <= p < end for p in b.positions):
-            keys.append(("atman-bias", self.bias_digest, start))
+        digest = self.bias_digest(start, end)
+        if digest:
+            keys.append(("atman-bias", digest, start))
         if self.target_start is not None and end > self.target_start - 1:
             keys.append(("atman-score", self.nonce))
         return tuple(keys)

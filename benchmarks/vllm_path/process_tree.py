@@ -25,11 +25,16 @@ def tree(root: psutil.Process) -> list[psutil.Process]:
 def tree_rss(root: psutil.Process) -> int:
     """Sum of RSS over the tree. Shared pages (torch's libraries, mapped
     weights) count once per process, so this over-states real use a little."""
-    total = 0
+    return sum(tree_rss_by_process(root).values())
+
+
+def tree_rss_by_process(root: psutil.Process) -> dict[str, int]:
+    """RSS of every live process of the tree, by "pid name"."""
+    out: dict[str, int] = {}
     for p in tree(root):
         with contextlib.suppress(psutil.NoSuchProcess, psutil.AccessDenied):
-            total += p.memory_info().rss
-    return total
+            out[f"{p.pid} {p.name()}"] = p.memory_info().rss
+    return out
 
 
 def tree_cpu_seconds(root: psutil.Process) -> dict[str, float]:
@@ -52,6 +57,8 @@ class Window:
     cpu_by_process: dict = field(default_factory=dict)
     peak_rss: int = 0
     start_rss: int = 0
+    start_rss_by_process: dict = field(default_factory=dict)
+    peak_rss_by_process: dict = field(default_factory=dict)  # each process's own peak (not at one instant)
     load_1m: float = 0.0  # machine load average at the end (other jobs share the cores)
 
 
@@ -63,6 +70,7 @@ class TreeSampler:
         self.root = psutil.Process()
         self.interval_s = interval_s
         self._peak = 0
+        self._peak_by_process: dict[str, int] = {}
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="rss-sampler", daemon=True)
@@ -70,9 +78,11 @@ class TreeSampler:
 
     def _run(self) -> None:
         while not self._stop.is_set():
-            rss = tree_rss(self.root)
+            by_process = tree_rss_by_process(self.root)
             with self._lock:
-                self._peak = max(self._peak, rss)
+                self._peak = max(self._peak, sum(by_process.values()))
+                for k, v in by_process.items():
+                    self._peak_by_process[k] = max(self._peak_by_process.get(k, 0), v)
             self._stop.wait(self.interval_s)
 
     def current_rss(self) -> int:
@@ -81,9 +91,11 @@ class TreeSampler:
     @contextlib.contextmanager
     def window(self):
         w = Window()
-        w.start_rss = tree_rss(self.root)
+        w.start_rss_by_process = tree_rss_by_process(self.root)
+        w.start_rss = sum(w.start_rss_by_process.values())
         with self._lock:
             self._peak = w.start_rss
+            self._peak_by_process = dict(w.start_rss_by_process)
         cpu0, t0 = tree_cpu_seconds(self.root), time.perf_counter()
         try:
             yield w
@@ -94,6 +106,7 @@ class TreeSampler:
             w.cpu_s = sum(w.cpu_by_process.values())
             with self._lock:
                 w.peak_rss = max(self._peak, tree_rss(self.root))
+                w.peak_rss_by_process = dict(self._peak_by_process)
             w.load_1m = psutil.getloadavg()[0]
 
     def close(self) -> None:

@@ -73,3 +73,24 @@ def test_cancelled_explain_frees_its_blocks(async_llm):
         cancel_mid_explain(llm, ExplainRequest(LONG * 3, " Lisbon.", ExplainOptions(granularity="token"))))
     assert progress[-1][0] < progress[-1][1], "the explain finished before it could be cancelled"
     assert after == before
+
+
+def test_explain_many_shares_the_document_across_questions(async_llm):
+    # The async twin of test_engine_many_questions: one call, the same lockstep steps; the second
+    # question reads the first's perturbed document blocks and scores as when explained alone.
+    llm, loop = async_llm
+    document = "Async many questions. " + LONG.split("Q:")[0]
+    requests = [ExplainRequest(document + "Q: Where does Otto live? A:", " Lisbon.", ExplainOptions(granularity="word")),
+                ExplainRequest(document + "Q: Where does Mira live? A:", " Oslo.", ExplainOptions(granularity="word"))]
+    progress = []
+    together = loop.run_until_complete(llm.explain_many(requests, on_progress=lambda d, t: progress.append((d, t))))
+    assert progress[-1][0] == progress[-1][1] == sum(r.stats.forward_passes for r in together)
+    alone = loop.run_until_complete(llm.explain(requests[1]))  # its document forks are cached now as well
+    # Each fork of the second question reuses at least the document's first 3 blocks (~110 tokens
+    # of document): far more than its own unperturbed prefix would give.
+    plan = loop.run_until_complete(llm.plan_async(requests[1]))
+    own_prefix = sum(32 * (j.bias.first_position // 32) for j in plan.jobs[1:])
+    assert together[1].stats.cached_tokens >= own_prefix + 32 * 2 * sum(
+        1 for j in plan.jobs[1:] if j.bias.first_position < 64)
+    _assert_same_scores(together[1], alone, "second question")
+    _assert_same_scores(together[0], loop.run_until_complete(llm.explain(requests[0])), "first question")

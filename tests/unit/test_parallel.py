@@ -26,13 +26,23 @@ def test_one_replica_is_the_plain_two_waves():
     assert [r.job for r in forks] == [1, 2, 3, 4] and {r.replica for r in forks} == {None}
 
 
+def test_forks_of_several_requests_run_in_position_order_so_the_same_unit_is_adjacent():
+    # explain_many over one document: two questions' jobs concatenated; the fork suppressing
+    # position p under the second question is submitted right after the first question's.
+    jobs = _jobs(100, [0, 10, 50, 90]) + _jobs(100, [0, 10, 50, 90, 95])
+    first, forks = fork_waves(jobs)
+    assert [r.job for r in first] == [0, 5]
+    assert [r.job for r in forks] == [1, 6, 2, 7, 3, 8, 4, 9, 10]
+
+
 def test_replicas_get_contiguous_ranges_of_equal_cost_and_each_its_unperturbed_pass():
     block = 8
     positions = [3 * p for p in range(33)]  # forks of a 100-token sequence, 4 per block
     jobs = _jobs(100, positions[::-1])  # in any order
     first, forks = fork_waves(jobs, 2, block)
     assert [(r.job, r.replica, r.primary) for r in first] == [(0, 0, True), (0, 1, False)]
-    assert [r.job for r in forks] == list(range(1, len(jobs)))
+    assert sorted(r.job for r in forks) == list(range(1, len(jobs)))
+    assert [jobs[r.job].bias.first_position for r in forks] == sorted(positions), "submitted in position order"
     by_position = sorted(forks, key=lambda r: jobs[r.job].bias.first_position)
     replicas = [r.replica for r in by_position]
     assert replicas == sorted(replicas), "contiguous ranges in position order"
