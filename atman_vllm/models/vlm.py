@@ -36,8 +36,9 @@ embeddings in that order.
 **vLLM.** ``vllm_kwargs()`` gives what ``LLM(...)`` needs beyond the model
 path: ``limit_mm_per_prompt={"image": n}`` and
 ``mm_processor_kwargs={"do_image_splitting": False}``. A prompt is
-``{"prompt": "<image>Question: What colour is the triangle? Answer:",
-"multi_modal_data": {"image": pil_image}}``.
+``{"prompt": "Question: What colour is the triangle? <image> Answer:",
+"multi_modal_data": {"image": pil_image}}`` (the shapes task's form: the
+question before the image, ``quality.scenes.PLAIN_PROMPT``).
 """
 
 from __future__ import annotations
@@ -61,8 +62,8 @@ IMAGE_SPECIAL_TOKENS = (FAKE_IMAGE_TOKEN, IMAGE_TOKEN, GLOBAL_IMAGE_TOKEN, END_O
 
 # SmolVLM's template, reduced: "User:" + the message's parts in order (an
 # image part becomes "<image>") + "<end_of_utterance>\n"; the generation
-# prompt is "Assistant:". The shapes model is trained on exactly this form
-# (and on the plain "<image>Question: ... Answer:" form).
+# prompt is "Assistant:". train_vlm trains on exactly this form (and on the
+# plain "Question: ... <image> Answer:" form).
 CHAT_TEMPLATE = (
     "{% for message in messages %}"
     "{{ message['role'] | capitalize }}:"

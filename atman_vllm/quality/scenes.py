@@ -42,9 +42,14 @@ MIN_SIZE, MAX_SIZE = 14, 20  # side of an object's bounding box, pixels
 _GAP = 2  # pixels kept free between two objects' boxes
 
 # The prompt formats the model is trained on; the image goes where "<image>" is.
+# The question comes before the image: then each image token can already
+# compare its shape with the asked one (causal attention), and the answer
+# position only has to collect the flagged tokens' colour. With the image first
+# the same model stayed at "some colour of the scene" (34-43% after 3,000
+# steps, measured), the question having to be bound to the image in one hop.
 QUESTION = "What colour is the {shape}?"
-PLAIN_PROMPT = "<image>Question: " + QUESTION + " Answer:"
-CHAT_PROMPT = "User:<image>" + QUESTION + "<end_of_utterance>\nAssistant:"
+PLAIN_PROMPT = "Question: " + QUESTION + " <image> Answer:"
+CHAT_PROMPT = "User:" + QUESTION + "<image><end_of_utterance>\nAssistant:"
 
 
 @dataclass(frozen=True)
