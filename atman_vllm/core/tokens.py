@@ -207,6 +207,17 @@ def encode_with_target_ids(tokenizer: Tokenizer, prompt: str, target_ids: Sequen
     )
 
 
+def encode_prompt_with_images(tokenizer: Tokenizer, prompt: str, images: Sequence[PromptImage], vision: VisionModel,
+                              *, add_bos: bool = True) -> tuple[EncodedPrompt, tuple[EncodedImage, ...]]:
+    """The prompt alone (to generate after it) with its images expanded, as ``encode_with_images``."""
+    starts = check_image_count(check_text(prompt, "prompt"), images, vision.placeholder)
+    layouts = [vision.image_layout(im) for im in images]
+    expanded = expand_placeholders(prompt, starts, vision.placeholder, layouts)
+    enc = encode_prompt(tokenizer, expanded.text, add_bos=add_bos)
+    offsets, encoded = locate_images(expanded, enc.token_ids, enc.prompt_start, enc.prompt_offsets, images, layouts)
+    return replace(enc, prompt_offsets=offsets), encoded
+
+
 def encode_with_images(tokenizer: Tokenizer, prompt: str, target: str, images: Sequence[PromptImage],
                        vision: VisionModel, *, add_bos: bool = True,
                        target_ids: Sequence[int] | None = None) -> EncodedInput:
