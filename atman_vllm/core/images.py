@@ -281,13 +281,13 @@ def image_granularity_for(text_granularity: Granularity, image_granularity: str 
     return g if g.value in IMAGE_GRANULARITIES else Granularity.PARAGRAPH
 
 
-def join_parts(parts: Sequence, placeholder: str) -> tuple[str, tuple]:
+def join_parts(parts: Sequence, placeholder: str, field: str = "prompt") -> tuple[str, tuple]:
     """Ordered prompt parts (str for text, anything else an image) as (prompt text, images)."""
     text, images = [], []
     for part in parts:
         if isinstance(part, str):
             if placeholder in part:
-                raise InvalidRequestError("prompt", f"a text part contains the image placeholder {placeholder!r}; "
+                raise InvalidRequestError(field, f"a text part contains the image placeholder {placeholder!r}; "
                                                     "give images as image parts")
             text.append(part)
         else:

@@ -298,6 +298,8 @@ EXPLAIN_RESULT_SCHEMA: dict = {
             "width": {"type": "integer", "minimum": 1}, "height": {"type": "integer", "minimum": 1},
             "digest": {"type": "string"},
         })},
+        # HTTP /v1/explain with "heatmap": true: the image tiles' relevance drawn over the images.
+        "heatmap": {"type": "string", "pattern": "^data:image/png;base64,"},
     }),
 }
-_optional(EXPLAIN_RESULT_SCHEMA, "messages", "images")
+_optional(EXPLAIN_RESULT_SCHEMA, "messages", "images", "heatmap")
