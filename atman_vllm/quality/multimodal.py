@@ -24,9 +24,10 @@ Methods (baselines on plain transformers, eager attention):
   log p(target | tile painted over).
 - ``random``: a seeded uniform score per tile (chance level).
 - AtMan variants (``harness.ATMAN_VARIANTS``: log-additive / multiplicative,
-  κ off / on) through the project's explain API on images (``run_atman``:
-  any ``Explainer`` that takes images; its tile scores are matched to the
-  grid through their rectangles).
+  κ off / on, factor 0.1) through the project's explain API on images
+  (``AtmanLLM.explain_many`` on the vLLM engine, image granularity "token":
+  one tile per cell; its tile scores are matched to the grid through their
+  rectangles).
 
 Costs as in the text harness (``baselines.Cost``): forward and backward passes
 through the decoder's final norm per scene, wall time, peak extra memory.
@@ -233,6 +234,28 @@ def atman_tile_scores(result, grid: int) -> np.ndarray:
     return out
 
 
+def atman_explain_many(explainer) -> Callable[[Sequence[PreparedScene], object], list]:
+    """``explain_many(scenes, options)`` through an ``AtmanLLM`` (the project's explain API on images)."""
+    def explain_many(scenes: Sequence[PreparedScene], options) -> list:
+        return explainer.explain_many([
+            explainer.explain_request(ex.scene.prompt(), " " + ex.scene.answer, options, images=[ex.scene.image()])
+            for ex in scenes])
+
+    return explain_many
+
+
+def load_atman(model_dir: str | Path):
+    """The vLLM AtMan backend for the harness (in-process engine, the text harness's settings)."""
+    import os
+
+    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    from atman_vllm.api import AtmanLLM
+
+    from .harness import VLLM_ENGINE_ARGS
+
+    return AtmanLLM(str(model_dir), **VLLM_ENGINE_ARGS)
+
+
 def run_atman(explain_many: Callable[[Sequence[PreparedScene], object], list], variant, vlm: VLMModel,
               prepared: Sequence[PreparedScene], chunk: int = 16) -> tuple[list[np.ndarray], Cost, dict]:
     """Tile scores of one AtMan variant (``harness.AtmanVariant``) on every scene.
@@ -308,9 +331,19 @@ def greedy_accuracy(vlm: VLMModel, prepared: Sequence[PreparedScene]) -> float:
 
 
 def evaluate(n_scenes: int = 100, *, model_dir: str | Path = SHIPPED_VLM_DIR, seed: int = HELD_OUT_SEED,
-             methods: Sequence[str] = BASELINE_METHODS, atman: Sequence[tuple[object, Callable]] = (),
+             methods: Sequence[str] = BASELINE_METHODS, atman_variants: Sequence[str] = (), explainer=None,
              threads: int | None = None, log: Callable[[str], None] = print) -> ImageReport:
-    """Score every baseline in ``methods`` and every ``(variant, explain_many)`` in ``atman`` on fresh scenes."""
+    """Score every baseline in ``methods`` and every AtMan variant (``harness.ATMAN_VARIANTS`` names) on
+    fresh scenes; AtMan through ``explainer`` (default: ``load_atman(model_dir)``)."""
+    from .harness import ATMAN_VARIANTS
+
+    unknown = [m for m in methods if m not in _METHODS] + [v for v in atman_variants if v not in ATMAN_VARIANTS]
+    if unknown:
+        raise ValueError(f"unknown method(s) {', '.join(unknown)}")
+    atman = []
+    if atman_variants:
+        explain_many = atman_explain_many(explainer if explainer is not None else load_atman(model_dir))
+        atman = [(ATMAN_VARIANTS[v], explain_many) for v in atman_variants]
     vlm = VLMModel(model_dir, threads=threads)
     prepared = vlm.prepare(generate_scenes(n_scenes, seed))
     accuracy = greedy_accuracy(vlm, prepared)

@@ -25,18 +25,27 @@ OUTPUT = ROOT / "benchmarks" / "quality" / "output" / "multimodal.json"
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--n", type=int, default=100)
+    p.add_argument("--model", type=Path, default=None, help="model directory (default: the shipped tiny-shapes-vlm)")
+    p.add_argument("--no-atman", action="store_true", help="baselines only")
     p.add_argument("--threads", type=int, default=1,
                    help="torch threads (1: on a shared 2-core machine more threads is slower)")
     p.add_argument("--results", type=Path, default=RESULTS)
     p.add_argument("--output", type=Path, default=OUTPUT)
     args = p.parse_args(argv)
 
+    from atman_vllm.quality.harness import ATMAN_VARIANTS
     from atman_vllm.quality.multimodal import HELD_OUT_SEED, SHIPPED_VLM_DIR, evaluate, write_outputs
 
+    model_dir = args.model or SHIPPED_VLM_DIR
     started = time.time()
-    report = evaluate(args.n, model_dir=SHIPPED_VLM_DIR, seed=HELD_OUT_SEED, threads=args.threads)
+    report = evaluate(args.n, model_dir=model_dir, seed=HELD_OUT_SEED, threads=args.threads,
+                      atman_variants=() if args.no_atman else tuple(ATMAN_VARIANTS))
     elapsed = time.time() - started
-    training = json.loads((SHIPPED_VLM_DIR / "training_report.json").read_text())
+    report_path = model_dir / "training_report.json"
+    training = json.loads(report_path.read_text()) if report_path.exists() else None
+    if training is None:  # an untrained model (a smoke run): no training line
+        training = {"seed": "?", "train_seconds": float("nan"), "torch_threads": "?",
+                    "held_out_accuracy": float("nan"), "target_hidden_accuracy": float("nan")}
     preamble = "\n".join([
         "# Explanation quality on images (like the paper's Table 2)",
         "",
