@@ -89,6 +89,40 @@ class _AtmanEngineMixin:
         self.model_name = str(model_dir)
         self._embeddings = EmbeddingTable(model_dir) if os.path.isdir(model_dir) else None
         self.chat_template: str | None = None  # None: the tokenizer's own
+        self.vision = self._load_vision(model_dir)
+        # The ids of the image placeholder: what an image's tokens go back to in the engine's prompt.
+        self.placeholder_ids = () if self.vision is None else tuple(self.tokenizer.encode(self.vision.placeholder)[0])
+
+    @staticmethod
+    def _load_vision(model_dir: str):
+        """The model's image processing (core/images.py: VisionModel) for an Idefics3 directory, else None.
+        κ over image cells needs the vision tower's output: loaded from the checkpoint on first use."""
+        from .vllm.engine_config import model_type
+
+        if model_type(model_dir) != "idefics3":
+            return None
+        from transformers import AutoProcessor
+
+        from .imaging import Idefics3Vision, idefics3_features_from_checkpoint
+
+        loaded = []
+
+        def features(pixel_values):
+            if not loaded:
+                loaded.append(idefics3_features_from_checkpoint(model_dir))
+            return loaded[0](pixel_values)
+
+        return Idefics3Vision(AutoProcessor.from_pretrained(model_dir, backend="pil"), features)
+
+    def prompt_images(self, images) -> tuple:
+        """The caller's images (PIL images, uint8 arrays or encoded bytes) as core ``PromptImage``s."""
+        if images is None or len(images) == 0:
+            return ()
+        if self.vision is None:
+            raise InvalidRequestError("images", f"this model ({self.model_name}) takes no images")
+        from .imaging import prompt_images
+
+        return prompt_images(images)
 
     def set_chat_template(self, chat_template: str | None) -> None:
         """Render chats with this template (a file or inline Jinja, as vLLM's --chat-template) instead
@@ -122,19 +156,41 @@ class _AtmanEngineMixin:
         return locate_contents(checked, render)
 
     def explain_request(self, prompt: str | None = None, target: str = "", options: ExplainOptions | None = None,
-                        *, messages=None) -> ExplainRequest:
-        """The request for a prompt or a chat (``messages``, rendered here); every API builds it here."""
+                        *, messages=None, images=()) -> ExplainRequest:
+        """The request for a prompt or a chat (``messages``, rendered here); every API builds it here.
+        ``images``: the prompt's images, one per image placeholder of the prompt, in order."""
         options = options or ExplainOptions()
         if messages is None:
-            return ExplainRequest(prompt, target, options)
+            return ExplainRequest(prompt, target, options, images=self.prompt_images(images))
+        if images:
+            raise InvalidRequestError("images", "are taken with a prompt, not with messages")
         if prompt:
             raise InvalidRequestError("messages", "give either a prompt or messages, not both")
         rendered, chat = self.render_chat(messages)
         return ExplainRequest(rendered, target, options, chat=chat)
 
     def prompt_ids(self, request: ExplainRequest) -> tuple[int, ...]:
-        """The token ids the engine runs for the request's prompt (a chat's rendering has no added BOS)."""
+        """The token ids the engine runs for the request's prompt (a chat's rendering has no added BOS);
+        with images, every image expanded into its tokens."""
+        if request.images:
+            return self._encode_prompt_with_images(request)[0].token_ids
         return encode_prompt(self.tokenizer, request.prompt, add_bos=request.chat is None).token_ids
+
+    def _encode_prompt_with_images(self, request: ExplainRequest):
+        from atman_vllm.core.tokens import encode_prompt_with_images
+
+        if self.vision is None:
+            raise InvalidRequestError("images", f"this model ({self.model_name}) takes no images")
+        return encode_prompt_with_images(self.tokenizer, request.prompt, request.images, self.vision)
+
+    def engine_prompt(self, request: ExplainRequest):
+        """The engine's prompt to generate after the request's prompt (its images attached)."""
+        from .vllm.forks import engine_prompt
+
+        if not request.images:
+            return engine_prompt(self.prompt_ids(request))
+        encoded, images = self._encode_prompt_with_images(request)
+        return engine_prompt(encoded.token_ids, images, self.placeholder_ids)
 
     def answer_ids(self, token_ids: Sequence[int]) -> tuple[int, ...]:
         """Generated ids without the trailing stop token(s) (EOS, a chat's end-of-turn): the answer
@@ -158,14 +214,18 @@ class _AtmanEngineMixin:
 
     def plan(self, request: ExplainRequest, *, limits: PlanLimits = PlanLimits(), cancelled: CancelCheck | None = None):
         """The request's plan within ``limits`` and the model's context (InvalidRequestError otherwise)."""
-        return plan_explanation(request, self.tokenizer, self.embedding_rows, limits=self._within_context(limits),
-                                cancelled=cancelled)
+        return plan_explanation(request, self.tokenizer, self.embedding_rows, vision=self.vision,
+                                limits=self._within_context(limits), cancelled=cancelled)
 
     def _within_context(self, limits: PlanLimits) -> PlanLimits:
         # -1: a fork samples one (discarded) token after the sequence.
         context = Limit(self.max_model_len - 1, f"this model serves at most {self.max_model_len - 1} tokens")
         if limits.tokens is None or limits.tokens.value > context.value:
-            return replace(limits, tokens=context)
+            limits = replace(limits, tokens=context)
+        if self.vision is not None:
+            engine_images = self.vllm_config.model_config.multimodal_config.get_limit_per_prompt("image")
+            if limits.images is None or limits.images.value > engine_images:
+                limits = replace(limits, images=Limit(engine_images, "the engine's limit_mm_per_prompt"))
         return limits
 
     def _self_test_plan(self):
@@ -225,7 +285,7 @@ class AtmanLLM(_AtmanEngineMixin, Explainer):
         for wave in fork_waves(jobs):  # one replica: vLLM's offline LLM has no data parallelism for dense models
             if not wave:
                 continue
-            requests = [fork_request(jobs[r.job]) for r in wave]
+            requests = [fork_request(jobs[r.job], self.placeholder_ids) for r in wave]
             outputs = self.llm.generate([r.prompt for r in requests], [r.params for r in requests], use_tqdm=False)
             for r, out in zip(wave, outputs):
                 results[r.job] = fork_result(jobs[r.job], out)
@@ -233,9 +293,7 @@ class AtmanLLM(_AtmanEngineMixin, Explainer):
 
     def generate_target_ids(self, request: ExplainRequest, max_tokens: int) -> tuple[int, ...]:
         """The greedy completion of the request's prompt as ids (the engine's own, never re-tokenized)."""
-        from vllm.inputs import TokensPrompt
-
-        out = self.llm.generate([TokensPrompt(prompt_token_ids=list(self.prompt_ids(request)))],
+        out = self.llm.generate([self.engine_prompt(request)],
                                 [self._greedy_params(max_tokens)], use_tqdm=False)[0]
         return self.answer_ids(out.outputs[0].token_ids)
 
@@ -257,14 +315,16 @@ class AtmanLLM(_AtmanEngineMixin, Explainer):
             return [f"the self-test's requests failed: {exc}"]
 
     def explain(self, prompt: str | None = None, target: str | None = None, options=None, *, messages=None,
-                max_tokens: int = 32, **option_kwargs) -> ExplainResult:
+                images=(), max_tokens: int = 32, **option_kwargs) -> ExplainResult:
         """Explain ``target`` given ``prompt``, or given the chat ``messages`` (a list of {role, content},
         the last from the user; ``target`` is the assistant's answer). With no target, explain the
-        greedy completion: its generated token ids themselves are scored."""
+        greedy completion: its generated token ids themselves are scored. ``images``: PIL images,
+        uint8 arrays or encoded bytes, one per image placeholder of the prompt (``<image>`` for
+        Idefics3), in order."""
         from atman_vllm.core import make_options
 
         request = self.explain_request(prompt, target or "", make_options(options, **option_kwargs),
-                                       messages=messages)
+                                       messages=messages, images=images)
         return self.explain_planned(request, generate_tokens=max_tokens if target is None else None)
 
     # -- generation ----------------------------------------------------------------
@@ -362,10 +422,8 @@ class AsyncAtmanLLM(_AtmanEngineMixin):
 
     async def _generate_target_ids(self, request: ExplainRequest, max_tokens: int, request_id: str) -> tuple[int, ...]:
         """The greedy completion of the request's prompt as ids (the engine's own, never re-tokenized)."""
-        from vllm.inputs import TokensPrompt
-
         final = None
-        async for out in self.engine.generate(TokensPrompt(prompt_token_ids=list(self.prompt_ids(request))),
+        async for out in self.engine.generate(self.engine_prompt(request),
                                               self._greedy_params(max_tokens), request_id=request_id):
             final = out
         return self.answer_ids(final.outputs[0].token_ids)
@@ -373,7 +431,7 @@ class AsyncAtmanLLM(_AtmanEngineMixin):
     async def _run_fork(self, run, job: ForkJob, request_id: str):  # run: parallel.ForkRun -> (run, ForkResult)
         from .vllm.forks import fork_cost, fork_request, fork_result
 
-        req = fork_request(job)
+        req = fork_request(job, self.placeholder_ids)
         final = None
         async with self.fork_budget.hold(fork_cost(job, self.vllm_config.cache_config.block_size)):
             async for out in self.engine.generate(req.prompt, req.params, request_id=request_id,

@@ -21,7 +21,7 @@ from atman_vllm.core.controls import Control
 from atman_vllm.core.results import ExplainResult
 from atman_vllm.proto_gen import atman_pb2 as pb
 
-from .errors import FIELD_METADATA_KEY, ErrorCode, ServiceError, service_error_from
+from .errors import FIELD_METADATA_KEY, ErrorCode, ServiceError, invalid, service_error_from
 from .request_decoding import parse_request
 from atman_vllm.core.events import ExplainProgress
 
@@ -69,8 +69,17 @@ class AtmanServicer:
         def parse():
             msg = parse_request(pb.ExplainRequest, raw)
             messages = messages_from_proto(msg.messages) or None  # an empty repeated field is no field
-            return self.service.explain_request(msg.prompt, msg.target, options_from_proto(msg.options), msg.model,
-                                                messages)
+            prompt, images = msg.prompt, ()
+            if msg.parts:
+                if msg.prompt:
+                    raise invalid("parts", "give either prompt or parts, not both")
+                kinds = [p.WhichOneof("part") for p in msg.parts]
+                if None in kinds:
+                    raise invalid("parts", f"parts[{kinds.index(None)}] has neither text nor image")
+                prompt, images = self.service.prompt_from_parts(
+                    [p.text if kind == "text" else p.image for p, kind in zip(msg.parts, kinds)])
+            return self.service.explain_request(prompt, msg.target, options_from_proto(msg.options), msg.model,
+                                                messages, images=images)
 
         return parse
 

@@ -12,6 +12,7 @@ reserved ``vllm_xargs.atman``, the controls of ``http_controls``);
 
 from __future__ import annotations
 
+import base64
 import json
 
 from fastapi import FastAPI, Request
@@ -19,7 +20,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.middleware import Middleware
 
 from .http_chat_explain import ChatExplain
-from .http_bodies import ExplainBody, explain_request_schema, parse_explain_body
+from .http_bodies import ExplainBody, decode_images, explain_request_schema, parse_explain_body
 from .http_controls import CHAT_COMPLETIONS_PATH, COMPLETIONS_PATH, ControlPlanner
 from .http_guard import RequestGuard, error_response
 from .http_ui import add_ui_routes
@@ -35,20 +36,32 @@ EXPLAIN_STREAM_PATH = "/v1/explain/stream"
 def add_explain_route(app: FastAPI, service: AtmanService) -> None:
     from vllm.entrypoints.serve.utils.api_utils import with_cancellation
 
-    def parser(body: bytes):
+    def parser(body: bytes, parsed: list | None = None):
         def parse():
             b = parse_explain_body(body)
-            return service.explain_request(b.prompt, b.target, b.options, b.model, b.messages)
+            images = decode_images(b.images, service.limits.max_images)
+            request = service.explain_request(b.prompt, b.target, b.options, b.model, b.messages, images=images)
+            if parsed is not None:
+                parsed.append((b, request))
+            return request
 
         return parse
 
     @with_cancellation  # a client that disconnects cancels the explain, which aborts its forks
     async def explain_after_body(body: bytes, raw_request: Request) -> JSONResponse:
+        parsed: list = []
         try:
-            result = await service.explain(parser(body), transport="http")
+            result = await service.explain(parser(body, parsed), transport="http")
+            reply = result.to_dict()
+            (b, request), = parsed
+            if b.heatmap:  # drawn over the images as given (the result keeps only their size and digest)
+                from atman_vllm.view import heatmap_png
+
+                png = heatmap_png(result, [im.data for im in request.images])
+                reply["heatmap"] = "data:image/png;base64," + base64.b64encode(png).decode("ascii")
         except Exception as exc:
             return error_response(exc)
-        return JSONResponse(result.to_dict())
+        return JSONResponse(reply)
 
     async def explain(raw_request: Request) -> JSONResponse:
         # Read before listening for a disconnect (with_cancellation consumes the

@@ -11,7 +11,10 @@ rules. Errors name the field as the core does: an option by its own name
 
 from __future__ import annotations
 
+import base64
+import binascii
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated
@@ -59,13 +62,16 @@ class ExplainOptionsBody(BaseModel):
                                        "and units inside the strongest ones, within budget forward passes")
     budget: Annotated[StrictInt, Field(ge=MIN_BUDGET)] | None = Field(
         None, description="most forward passes of a hierarchical search (default 32); only with search 'hierarchical'")
+    image_granularity: Annotated[Granularity, Field(strict=False)] | None = Field(
+        None, description="tiles of the prompt's images: token (one grid cell), word (2x2 cells), sentence (4x4), "
+                          "paragraph (the whole image); null: as granularity")
 
     def to_options(self) -> ExplainOptions:
         spans = None if self.spans is None else tuple(tuple(s) for s in self.spans)
         return ExplainOptions(factor=self.factor, mode=self.mode, kappa=self.kappa, granularity=self.granularity,
                               delimiter=self.delimiter, spans=spans, target_granularity=self.target_granularity,
                               postprocessing=self.postprocessing, normalize=self.normalize,
-                              search=self.search, budget=self.budget)
+                              search=self.search, budget=self.budget, image_granularity=self.image_granularity)
 
 
 class ChatMessageBody(BaseModel):
@@ -91,6 +97,34 @@ class ExplainBody(BaseModel):
                           "only; each prompt score names its message, its span is into that message's content")
     target: StrictStr
     options: ExplainOptionsBody = Field(default_factory=ExplainOptionsBody)
+    images: list[StrictStr] | None = Field(
+        None, description="the prompt's images, in the order of the model's image placeholders in prompt "
+                          "(<image> for Idefics3): base64 or data URLs (data:image/png;base64,...)")
+    heatmap: StrictBool = Field(False, description="also return the image tiles' relevance drawn over the "
+                                                   "images, as a PNG data URL (field heatmap of the reply)")
+
+
+_DATA_URL = re.compile(r"data:image/[A-Za-z0-9.+-]+;base64,", re.ASCII)
+
+
+def decode_image_string(text: str, field: str) -> bytes:
+    """An image given as base64 or as a data URL, as bytes (decoded strictly: no stray characters)."""
+    match = _DATA_URL.match(text)
+    if text.startswith("data:") and not match:
+        raise invalid(field, "a data URL must look like data:image/<type>;base64,<data>")
+    payload = text[match.end():] if match else text
+    try:
+        return base64.b64decode(payload, validate=True)
+    except (binascii.Error, ValueError):
+        raise invalid(field, "is neither valid base64 nor a base64 data URL") from None
+
+
+def decode_images(texts: list[str] | None, max_images: int) -> list[bytes]:
+    """The body's images as bytes; the count is checked before any is decoded."""
+    texts = texts or []
+    if len(texts) > max_images:
+        raise invalid("images", f"the prompt has {len(texts)} images; at most {max_images} are taken here")
+    return [decode_image_string(t, f"images[{i}]") for i, t in enumerate(texts)]
 
 
 def explain_request_schema() -> dict:
@@ -149,6 +183,8 @@ class ParsedExplainBody:
     target: str
     options: ExplainOptions
     messages: list[dict] | None  # None: a plain prompt
+    images: list[str] | None = None  # as given (base64 / data URLs): decoded by decode_images
+    heatmap: bool = False
 
 
 def parse_explain_body(body: bytes) -> ParsedExplainBody:
@@ -163,7 +199,10 @@ def parse_explain_body(body: bytes) -> ParsedExplainBody:
     if parsed.prompt is None and parsed.messages is None:
         raise invalid("prompt", "is required (or give messages)")
     messages = None if parsed.messages is None else [m.model_dump() for m in parsed.messages]
-    return ParsedExplainBody(parsed.model, parsed.prompt, parsed.target, parsed.options.to_options(), messages)
+    if parsed.heatmap and not parsed.images:
+        raise invalid("heatmap", "draws the relevance of image tiles; give images")
+    return ParsedExplainBody(parsed.model, parsed.prompt, parsed.target, parsed.options.to_options(), messages,
+                             parsed.images, parsed.heatmap)
 
 
 def parse_explain_field(value) -> ExplainOptions | None:

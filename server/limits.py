@@ -12,6 +12,7 @@ DEFAULT_MAX_UNITS = 256
 DEFAULT_MAX_CONCURRENT_EXPLAINS = 4
 DEFAULT_MAX_GENERATE_TOKENS = 1024
 DEFAULT_MAX_MESSAGE_BYTES = 16 * 2**20
+DEFAULT_MAX_IMAGES = 4  # images per prompt (the engine's limit_mm_per_prompt caps it too)
 # Token positions all explanations' forks may have in the engine at once (0: no cap);
 # bounds what forks add to each step that generation shares (benchmarks/load/soak.py).
 DEFAULT_FORK_TOKENS_IN_FLIGHT = 0
@@ -29,6 +30,7 @@ class ServiceLimits:
     max_generate_tokens: int = DEFAULT_MAX_GENERATE_TOKENS
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
     max_prompt_chars: int | None = None  # None: PROMPT_CHARS_PER_TOKEN × max_explain_tokens
+    max_images: int = DEFAULT_MAX_IMAGES  # images per prompt, counted before any is decoded
 
     @property
     def prompt_chars(self) -> int:

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from atman_vllm.core.chat import check_messages
 from atman_vllm.core.controls import Control
 from atman_vllm.core.events import ExplainProgress
+from atman_vllm.core.images import join_parts
 from atman_vllm.core.options import ExplainOptions, InvalidRequestError
 from atman_vllm.core.planning import Limit, PlanLimits
 from atman_vllm.core.requests import ExplainRequest
@@ -135,7 +136,8 @@ class AtmanService:
         self.slots = ExplainSlots(limits.max_concurrent_explains)
         self.plan_limits = PlanLimits(prompt_chars=Limit(limits.prompt_chars, "the server's --max-prompt-chars"),
                                       tokens=Limit(limits.max_explain_tokens, "the server's --max-explain-tokens"),
-                                      units=Limit(limits.max_units, "the server's --max-units"))
+                                      units=Limit(limits.max_units, "the server's --max-units"),
+                                      images=Limit(limits.max_images, "this server's limit"))
         self.metrics.explains_in_flight.set_function(lambda: self.slots.in_use)
         self._versions = _versions()
 
@@ -148,12 +150,15 @@ class AtmanService:
                                "model")
 
     def explain_request(self, prompt, target, options: ExplainOptions, model: str | None = None,
-                        messages=None, *, generated: bool = False) -> ExplainRequest:
+                        messages=None, *, generated: bool = False, images=()) -> ExplainRequest:
         """A validated request (raises ServiceError / InvalidRequestError naming the field).
 
         ``messages`` (None: a plain prompt) is a chat, rendered with the model's template.
         ``generated``: the target is generated later (an empty one is then expected).
+        ``images``: encoded image bytes, one per image placeholder of the prompt; counted before any
+        is decoded, each decoded only after its size (bytes, then pixels from its header) is checked.
         """
+        self.plan_limits.check_images(len(images))
         self.check_model(model)
         if messages is not None and prompt:
             raise invalid("messages", "give either prompt or messages, not both")
@@ -163,15 +168,28 @@ class AtmanService:
             self.plan_limits.check_text("delimiter", options.delimiter)
         if messages is None:
             check_text("prompt", prompt)
-            request = ExplainRequest(prompt=prompt, target=target, options=options.validated())
+            request = self.llm.explain_request(prompt, target, options.validated(), images=images)
         else:
             checked = check_messages(messages)
             for m in checked:  # before anything renders or tokenizes them
                 check_text("messages", m.content, allow_empty=True)
                 self.plan_limits.check_text("messages", m.content)
-            request = self.llm.explain_request(None, target, options.validated(), messages=checked)
+            request = self.llm.explain_request(None, target, options.validated(), messages=checked, images=images)
         self.plan_limits.check_chars(request)  # before anything tokenizes them
         return request
+
+    def prompt_from_parts(self, parts) -> tuple[str, tuple]:
+        """A prompt given as ordered text (str) and image (bytes) parts, as the prompt text with the
+        model's image placeholder where each image goes, and the images (counted, not yet decoded)."""
+        count = sum(not isinstance(p, str) for p in parts)
+        self.plan_limits.check_images(count)
+        vision = getattr(self.llm, "vision", None)
+        if vision is None:
+            if count:
+                raise invalid("parts", f"an image part was given, but this model ({self.llm.model_name}) "
+                                       "takes no images")
+            return "".join(parts), ()
+        return join_parts(parts, vision.placeholder, "parts")
 
     async def _plan_within_limits(self, request: ExplainRequest, record: _CallRecord):
         """The request's plan (None when its target is generated first), within the limits.

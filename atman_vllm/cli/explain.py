@@ -39,10 +39,33 @@ def parse_spans(text: str) -> tuple[tuple[int, int], ...]:
     return spans  # type: ignore[return-value]
 
 
+def read_images(paths: Sequence[str]) -> list:
+    """The --image files decoded and checked (before any model loads), as core ``PromptImage``s."""
+    if not paths:
+        return []
+    from atman_vllm.imaging import prompt_image
+
+    out = []
+    for path in paths:
+        try:
+            with open(path, "rb") as f:
+                out.append(prompt_image(f.read(), "image"))
+        except OSError as e:
+            raise UsageError(f"--image: cannot read {path}: {e.strerror}") from None
+        except InvalidRequestError as e:
+            raise UsageError(f"--image: {path} {e.message}") from None
+    return out
+
+
 def build_parser() -> OneLineParser:
     p = OneLineParser(prog="atman-vllm explain", description="Explain why a model produces a target text (AtMan).")
     p.add_argument("--model", required=True, help="model directory (config, weights, tokenizer) or a prepared model's name: smollm2-135m-instruct")
-    p.add_argument("--prompt", required=True)
+    p.add_argument("--prompt", required=True, help="the prompt; with --image, put the model's image placeholder "
+                                                   "(<image> for Idefics3) where each image goes, or none: the "
+                                                   "images then come first")
+    p.add_argument("--image", action="append", metavar="FILE", help="an image of the prompt (repeatable, in order)")
+    p.add_argument("--image-granularity", help="token|word|sentence|paragraph: image tiles (default: as --granularity)")
+    p.add_argument("--heatmap", metavar="OUT.png", help="write the image tiles' relevance over the images as a PNG")
     p.add_argument("--target", help="text to explain; omitted: the model's greedy continuation")
     p.add_argument("--max-tokens", type=int, help=f"tokens to generate when --target is omitted (default {DEFAULT_MAX_TOKENS})")
     p.add_argument("--backend", choices=["vllm", "reference"], default="vllm")
@@ -71,7 +94,7 @@ def options_from_args(args: argparse.Namespace) -> ExplainOptions:
     given = {
         name: getattr(args, name)
         for name in ("factor", "mode", "kappa", "granularity", "delimiter", "spans", "target_granularity", "postprocessing",
-                     "search", "budget")
+                     "search", "budget", "image_granularity")
         if getattr(args, name) is not None
     }
     if args.normalize:
@@ -84,6 +107,12 @@ def options_from_args(args: argparse.Namespace) -> ExplainOptions:
 
 def load_backend(name: str, model_dir: str, engine_args: dict | None = None) -> Any:
     if name == "reference":
+        from atman_vllm.vllm.engine_config import model_type
+
+        if model_type(model_dir) == "idefics3":
+            from atman_vllm.reference.vlm import ReferenceVLMExplainer
+
+            return ReferenceVLMExplainer(model_dir)
         from atman_vllm.reference import ReferenceExplainer
 
         return ReferenceExplainer(model_dir)
@@ -101,6 +130,9 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError("--max-tokens: only used when --target is omitted")
     if args.max_tokens is not None and args.max_tokens <= 0:
         raise UsageError(f"--max-tokens: must be > 0, got {args.max_tokens}")
+    images = read_images(args.image or [])
+    if args.heatmap and not images:
+        raise UsageError("--heatmap: draws the relevance of image tiles; give --image")
     from atman_vllm.models.registry import PreparedModelError, resolve_model
 
     try:
@@ -117,15 +149,26 @@ def run(args: argparse.Namespace) -> int:
         print(f"error: --backend {args.backend}: unavailable ({e})", file=sys.stderr)
         return 1
     try:
+        prompt = args.prompt
+        if images:
+            images = backend.prompt_images(images)  # decoded and checked (field "images")
+            placeholder = backend.vision.placeholder
+            if placeholder not in prompt:  # no placeholder: the images come first, in order
+                prompt = placeholder * len(images) + prompt
         # No --target: the greedy completion's own token ids are explained.
-        result = backend.explain(args.prompt, args.target, options,
+        result = backend.explain(prompt, args.target, options, images=images,
                                  max_tokens=args.max_tokens or DEFAULT_MAX_TOKENS)
     except InvalidRequestError as e:
-        raise UsageError(f"{_option_name(e.field)}: {e.message}") from None
+        name = "--image" if e.field.startswith("images") else _option_name(e.field)
+        raise UsageError(f"{name}: {e.message}") from None
     finally:
         # Stop the engine's processes now: they hold this process's stdout open.
         getattr(backend, "shutdown", lambda: None)()
 
+    if args.heatmap:
+        from atman_vllm.view import save_heatmap
+
+        save_heatmap(result, [im.data for im in images], args.heatmap)
     if args.json:
         sys.stdout.write(json.dumps(result.to_dict(), ensure_ascii=False, indent=2) + "\n")
     else:

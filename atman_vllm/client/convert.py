@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 from atman_vllm.core.chat import ChatMessage
+from atman_vllm.core.images import PromptImage, Rect
 from atman_vllm.core.options import ExplainOptions, InvalidRequestError
 from atman_vllm.core.results import (
     ExplainResult,
@@ -59,6 +60,9 @@ def options_to_proto(options: ExplainOptions | dict | None) -> pb.ExplainOptions
                 setattr(msg, name, float(options[name]))
             except (TypeError, ValueError):
                 raise InvalidRequestError(name, f"must be a number, got {options[name]!r}") from None
+    if options.get("image_granularity") is not None:
+        value = options["image_granularity"]
+        msg.image_granularity = value.value if hasattr(value, "value") else str(value)
     for name in ("mode", "granularity", "target_granularity", "postprocessing", "search"):
         if options.get(name) is not None:
             value = options[name]
@@ -97,6 +101,7 @@ def options_from_proto(msg: pb.ExplainOptions) -> ExplainOptions:
         normalize=msg.normalize if msg.HasField("normalize") else defaults.normalize,
         search=msg.search or defaults.search,
         budget=msg.budget if msg.HasField("budget") else None,
+        image_granularity=msg.image_granularity if msg.HasField("image_granularity") else None,
     )
 
 
@@ -105,14 +110,17 @@ def options_from_proto(msg: pb.ExplainOptions) -> ExplainOptions:
 
 def _scores_to_proto(scores: Iterable[SpanScore]) -> list[pb.ScoredSpan]:
     return [pb.ScoredSpan(start=s.start, length=s.length, text=s.text, score=s.score, message=s.message,
-                          refined=s.refined, inherited_from=s.inherited_from)
+                          refined=s.refined, inherited_from=s.inherited_from, image=s.image,
+                          rect=None if s.rect is None else pb.Rect(**s.rect.to_dict()))
             for s in scores]
 
 
 def _scores_from_proto(scores: Iterable[pb.ScoredSpan]) -> tuple[SpanScore, ...]:
     return tuple(SpanScore(s.start, s.length, s.text, s.score, s.message if s.HasField("message") else None,
                            s.refined if s.HasField("refined") else None,
-                           s.inherited_from if s.HasField("inherited_from") else None)
+                           s.inherited_from if s.HasField("inherited_from") else None,
+                           s.image if s.HasField("image") else None,
+                           Rect(s.rect.left, s.rect.top, s.rect.width, s.rect.height) if s.HasField("image") else None)
                  for s in scores)
 
 
@@ -159,6 +167,7 @@ def result_to_proto(result: ExplainResult) -> pb.ExplainResult:
         ),
         target_boundary=pb.TargetBoundary(**result.target_boundary.to_dict()),
         messages=messages_to_proto(result.messages or ()),
+        images=[pb.ImageInfo(width=im.width, height=im.height, digest=im.digest) for im in result.images],
     )
 
 
@@ -188,4 +197,5 @@ def result_from_proto(msg: pb.ExplainResult) -> ExplainResult:
                                         msg.target_boundary.note)
                          if msg.HasField("target_boundary") else TargetBoundary(True)),
         messages=tuple(ChatMessage(m.role, m.content) for m in msg.messages) or None,
+        images=tuple(PromptImage(im.digest, im.width, im.height) for im in msg.images),
     )

@@ -10,6 +10,7 @@ from .controls import Control, Overlap, plan_controls
 from .correlation import correlated_factors, cosine_similarity
 from .events import ExplainProgress, GenerationDelta
 from .explainer import Explainer, make_options
+from .images import EncodedImage, ImageLayout, PromptImage, Rect, VisionModel, join_parts
 from .options import (
     ExplainOptions,
     Granularity,
@@ -58,6 +59,7 @@ from .tokens import (
 from .units import AUTO_MAX_UNITS, PromptRegion, Unit, chat_regions, segment_prompt, segment_regions, target_units
 
 __all__ = [
+    "EncodedImage", "ImageLayout", "PromptImage", "Rect", "VisionModel", "join_parts",
     "AUTO_MAX_UNITS", "CancelCheck", "ChatMessage", "ChatPrompt", "PromptRegion", "TargetBoundary", "chat_regions",
     "check_messages", "decoded_offsets", "encode_with_target_ids", "locate_contents", "segment_regions", "Control", "EXPLAIN_RESULT_SCHEMA", "EmbeddingRows", "EncodedInput", "EncodedPrompt",
     "ExplainOptions", "ExplainPlan", "ExplainProgress", "ExplainRequest", "ExplainResult", "ExplainStats", "Explainer",

@@ -50,14 +50,25 @@ class Explainer(ABC):
         gives no target): explanations score these ids themselves."""
         raise NotImplementedError(f"{type(self).__name__} cannot generate a target")
 
+    # The backend's image processing (core/images.py: VisionModel); None: the model takes no images.
+    vision = None
+
+    def prompt_images(self, images: Sequence) -> tuple:
+        """The caller's images as core ``PromptImage``s (backends with a vision model decode them)."""
+        if images:
+            raise InvalidRequestError("images", f"{type(self).__name__} takes no images")
+        return ()
+
     def plan(self, request: ExplainRequest) -> ExplainPlan:
-        return plan_explanation(request, self.tokenizer, self.embedding_rows)
+        return plan_explanation(request, self.tokenizer, self.embedding_rows, vision=self.vision)
 
     def explain(self, prompt: str, target: str | None, options: ExplainOptions | None = None, *,
-                max_tokens: int = 32, **option_kwargs) -> ExplainResult:
+                images: Sequence = (), max_tokens: int = 32, **option_kwargs) -> ExplainResult:
         """Explain ``target`` after ``prompt``; ``target=None``: the greedy completion of up to
-        ``max_tokens`` tokens, scored as the generated ids."""
-        request = ExplainRequest(prompt, target or "", make_options(options, **option_kwargs))
+        ``max_tokens`` tokens, scored as the generated ids. ``images``: the prompt's images, in the
+        order of its image placeholders (``prompt_images`` turns the caller's into ``PromptImage``s)."""
+        request = ExplainRequest(prompt, target or "", make_options(options, **option_kwargs),
+                                 images=self.prompt_images(images))
         return self.explain_planned(request, generate_tokens=max_tokens if target is None else None)
 
     def explain_planned(self, request: ExplainRequest, *, generate_tokens: int | None = None) -> ExplainResult:

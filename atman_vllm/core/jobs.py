@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .images import EncodedImage
 from .options import MAX_FACTOR, MIN_FACTOR, Mode, factor_in_range
 
 
@@ -60,12 +61,15 @@ class ForkJob:
 
     ``target_start`` is the index of the first target token; the pass returns
     ``CE_t = -log p(token_ids[target_start + t] | token_ids[:target_start + t])``
-    for every target token. ``bias=None`` is the unperturbed run.
+    for every target token. ``bias=None`` is the unperturbed run. ``images``:
+    the prompt's images, each with the positions of its tokens in ``token_ids``
+    (which hold every image's tokens expanded, as the model sees them).
     """
 
     token_ids: tuple[int, ...]
     target_start: int
     bias: KeyBias | None = None
+    images: tuple[EncodedImage, ...] = ()
 
     @property
     def num_targets(self) -> int:

@@ -52,6 +52,8 @@ DEFAULT_BUDGET = 32
 MIN_BUDGET = 2  # the unperturbed pass and at least one fork
 # Granularities a hierarchical search can refine down to: those nested in paragraphs and sentences.
 HIERARCHICAL_GRANULARITIES = ("token", "word", "sentence", "paragraph", "auto")
+# Granularities of image tiles (core/images.py).
+IMAGE_GRANULARITIES = ("token", "word", "sentence", "paragraph")
 
 
 class Postprocessing(str, Enum):
@@ -139,6 +141,8 @@ class ExplainOptions:
     normalize: bool = False
     search: Search = Search.EXHAUSTIVE
     budget: int | None = None  # forward passes, hierarchical search only (None: DEFAULT_BUDGET)
+    # Tiles of a prompt's images (core/images.py): token | word | sentence | paragraph; None: as granularity.
+    image_granularity: Granularity | None = None
 
     def validated(self) -> "ExplainOptions":
         """Return a copy with enums coerced; raise InvalidRequestError naming the field."""
@@ -182,10 +186,16 @@ class ExplainOptions:
                 raise InvalidRequestError("budget", f"must be at least {MIN_BUDGET} forward passes, got {budget}")
         elif budget is not None:
             raise InvalidRequestError("budget", "is only used with search 'hierarchical'")
+        image_granularity = self.image_granularity
+        if image_granularity is not None:
+            image_granularity = _enum(Granularity, image_granularity, "image_granularity")
+            if image_granularity.value not in IMAGE_GRANULARITIES:
+                raise InvalidRequestError("image_granularity", f"unknown value {image_granularity.value!r}; "
+                                                               f"expected one of {', '.join(IMAGE_GRANULARITIES)}")
         return ExplainOptions(
             factor=factor, mode=mode, kappa=kappa, granularity=granularity, delimiter=delimiter,
             spans=spans, target_granularity=target_granularity, postprocessing=post,
-            normalize=self.normalize, search=search, budget=budget,
+            normalize=self.normalize, search=search, budget=budget, image_granularity=image_granularity,
         )
 
     def to_dict(self) -> dict:
@@ -206,6 +216,8 @@ class ExplainOptions:
         if Search(self.search) is not Search.EXHAUSTIVE:  # exhaustive results stay as they always were
             d["search"] = Search(self.search).value
             d["budget"] = self.budget
+        if self.image_granularity is not None:  # text-only results stay as they always were
+            d["image_granularity"] = Granularity(self.image_granularity).value
         return d
 
     @classmethod

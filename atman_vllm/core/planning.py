@@ -14,13 +14,14 @@ import numpy as np
 
 from .correlation import CosineSimilarity, correlated_factors
 from .hierarchical import SearchLevel, search_levels
+from .images import VisionModel
 from .options import ExplainOptions, Granularity, InvalidRequestError, Mode, Search
 from .jobs import ForkJob, ForkResult, KeyBias
 from .requests import ExplainRequest
 from .results import ExplainResult, ExplainStats, SpanScore, TargetToken
 from .scoring import raw_deltas, score_explanations
-from .tokens import EncodedInput, Tokenizer, encode_input, encode_with_target_ids
-from .units import PromptRegion, Unit, chat_regions, region_units, segment_regions, target_units
+from .tokens import EncodedInput, Tokenizer, encode_input, encode_with_images, encode_with_target_ids
+from .units import PromptRegion, Unit, chat_regions, region_units, segment_regions, target_units, text_regions
 
 # Input-embedding rows [n, d] for the given token ids; None when the backend cannot provide them.
 EmbeddingRows = Callable[[Sequence[int]], "np.ndarray | None"]
@@ -50,10 +51,18 @@ class PlanLimits:
     prompt_chars: Limit | None = None
     tokens: Limit | None = None
     units: Limit | None = None
+    images: Limit | None = None  # images per prompt
 
     def check_chars(self, request: ExplainRequest) -> None:
         self.check_text("messages" if request.chat is not None else "prompt", request.prompt)
         self.check_text("target", request.target)
+        self.check_images(len(request.images))
+
+    def check_images(self, num_images: int) -> None:
+        limit = self.images
+        if limit is not None and num_images > limit.value:
+            raise InvalidRequestError("images", f"the prompt has {num_images} images; at most {limit.value} are "
+                                                f"taken here{_from(limit)}")
 
     def check_text(self, field: str, text) -> None:
         """A text of at most ``prompt_chars`` characters (before anything tokenizes it)."""
@@ -84,21 +93,35 @@ class TokenSimilarity:
 
     Rows are kept once per distinct token id (a sequence repeats ids a lot), so
     equal ids are exactly 1.0 similar; similarities are computed per call,
-    so memory is O(distinct ids · d), never O(L²).
+    so memory is O(distinct ids · d), never O(L²). ``position_rows`` give the
+    input embedding of positions whose embedding is not their id's row: an
+    image's cells (all one id) carry the projected vision features there.
     """
 
-    def __init__(self, token_ids: Sequence[int], embedding_rows: EmbeddingRows | None, field: str = "kappa"):
-        distinct = sorted(set(token_ids))
+    def __init__(self, token_ids: Sequence[int], embedding_rows: EmbeddingRows | None, field: str = "kappa",
+                 position_rows: dict[int, np.ndarray] | None = None):
+        position_rows = position_rows or {}
+        distinct = sorted({t for p, t in enumerate(token_ids) if p not in position_rows})
         rows = embedding_rows(distinct) if embedding_rows is not None else None
         if rows is None:
             raise InvalidRequestError(field, "correlated suppression needs the input embeddings, "
                                              "which this backend cannot provide; leave kappa unset")
-        rows = np.asarray(rows)
+        rows = np.asarray(rows, dtype=np.float64).reshape(len(distinct), -1)
         if rows.ndim != 2 or rows.shape[0] != len(distinct):
             raise ValueError(f"embedding_rows returned shape {rows.shape} for {len(distinct)} token ids")
-        self._sim = CosineSimilarity(rows)
         index = {t: i for i, t in enumerate(distinct)}
-        self._row_of_position = np.array([index[t] for t in token_ids])
+        row_of_position = [index.get(t, -1) for t in token_ids]
+        extra = []
+        for p in sorted(position_rows):
+            row = np.asarray(position_rows[p], dtype=np.float64).reshape(-1)
+            if distinct and row.shape[0] != rows.shape[1]:
+                raise ValueError(f"position {p}'s embedding has {row.shape[0]} values, the token rows {rows.shape[1]}")
+            row_of_position[p] = len(distinct) + len(extra)
+            extra.append(row)
+        if extra:
+            rows = np.concatenate([rows, np.stack(extra)]) if distinct else np.stack(extra)
+        self._sim = CosineSimilarity(rows)
+        self._row_of_position = np.array(row_of_position)
 
     def between(self, positions_a: Sequence[int], positions_b: Sequence[int]) -> np.ndarray:
         """[len(a), len(b)] similarities."""
@@ -184,19 +207,30 @@ class ExplainPlan:
         )
         chat = self.request.chat
         return ExplainResult(self.request.prompt, target, target_tokens, explanations, opts, stats,
-                             self.encoded.boundary, None if chat is None else chat.messages)
+                             self.encoded.boundary, None if chat is None else chat.messages, self.request.images)
 
 
-def encode_request(request: ExplainRequest, tokenizer: Tokenizer) -> EncodedInput:
-    """The request's token sequence: prompt and target together, or the prompt then the given target ids."""
+def encode_request(request: ExplainRequest, tokenizer: Tokenizer, vision: VisionModel | None = None) -> EncodedInput:
+    """The request's token sequence: prompt and target together, or the prompt then the given target ids;
+    a prompt's images expanded into their tokens (``vision``: the backend's image processing)."""
     add_bos = request.chat is None  # a rendered chat prompt is tokenized as it is, as vLLM does
+    if request.images:
+        if vision is None:
+            raise InvalidRequestError("images", "this model takes no images")
+        if request.chat is not None:
+            raise InvalidRequestError("images", "are taken with a prompt, not with messages")
+        return encode_with_images(tokenizer, request.prompt, request.target, request.images, vision,
+                                  add_bos=add_bos, target_ids=request.target_token_ids)
     if request.target_token_ids is not None:
         return encode_with_target_ids(tokenizer, request.prompt, request.target_token_ids, add_bos=add_bos)
     return encode_input(tokenizer, request.prompt, request.target, add_bos=add_bos)
 
 
 def prompt_regions(request: ExplainRequest, encoded: EncodedInput) -> list[PromptRegion]:
-    """Where units come from: the whole prompt, or each chat message's content."""
+    """Where units come from: the whole prompt, each text piece between its images, or each chat
+    message's content."""
+    if encoded.images:
+        return text_regions(request.prompt, encoded.prompt_offsets, encoded.prompt_start, encoded.images)
     if request.chat is None:
         return [PromptRegion(request.prompt, encoded.prompt_offsets, encoded.prompt_start)]
     chat = request.chat
@@ -209,24 +243,28 @@ def plan_explanation(
     tokenizer: Tokenizer,
     embedding_rows: EmbeddingRows | None = None,
     *,
+    vision: VisionModel | None = None,
     limits: PlanLimits = PlanLimits(),
     cancelled: CancelCheck | None = None,
 ) -> ExplainPlan:
     """Validate, tokenize, segment, and plan the n + 1 forward passes of one explanation.
 
-    ``embedding_rows`` is needed only when ``kappa`` is set. ``limits`` are
+    ``embedding_rows`` is needed only when ``kappa`` is set; ``vision`` only for
+    a prompt with images (and its cell embeddings only with kappa). ``limits`` are
     checked before the work each bounds; ``cancelled`` is polled between
     stages and between units (PlanCancelled when it turns True).
     """
     cancelled = cancelled or (lambda: False)
     options = request.options.validated()
     limits.check_chars(request)
-    encoded = encode_request(request, tokenizer)
+    if request.images and Search(options.search) is Search.HIERARCHICAL:
+        raise InvalidRequestError("search", "'hierarchical' refines text units; with images use 'exhaustive'")
+    encoded = encode_request(request, tokenizer, vision)
     limits.check_tokens(len(encoded.token_ids))
     if cancelled():
         raise PlanCancelled()
     regions = prompt_regions(request, encoded)
-    units, granularity = segment_regions(regions, options)
+    units, granularity = segment_regions(regions, options, encoded.images)
     options = replace(options, granularity=granularity)
     t_units = target_units(encoded.target, encoded.target_offsets, encoded.target_start, options.target_granularity)
     limits.check_units(len(units) + len(t_units))
@@ -234,17 +272,20 @@ def plan_explanation(
     similarity, candidates = None, ()
     if options.kappa is not None:
         # Candidates for correlated suppression: every token a unit could hold (the prompt's, or the
-        # messages' contents'), and the target's; never the BOS, never a chat template's tokens.
+        # messages' contents', and the images' cells), and the target's; never the BOS, never a chat
+        # template's tokens nor an image's markers.
         region_positions = [r.first_position + i for r in regions for i in range(len(r.offsets))]
+        region_positions += [p for im in encoded.images for p in im.cell_positions]
         candidates = tuple(sorted(set(region_positions))) + tuple(range(encoded.target_start, len(encoded.token_ids)))
-        similarity = TokenSimilarity(encoded.token_ids, embedding_rows)
+        similarity = TokenSimilarity(encoded.token_ids, embedding_rows, position_rows=_cell_rows(encoded, vision))
 
-    jobs = [ForkJob(encoded.token_ids, encoded.target_start, None)]
+    images = encoded.images
+    jobs = [ForkJob(encoded.token_ids, encoded.target_start, None, images)]
     for unit in (*units, *t_units):
         if cancelled():
             raise PlanCancelled()
         bias = unit_bias(unit.positions, options.factor, options.mode, options.kappa, similarity, candidates)
-        jobs.append(ForkJob(encoded.token_ids, encoded.target_start, bias))
+        jobs.append(ForkJob(encoded.token_ids, encoded.target_start, bias, images))
     levels: tuple[SearchLevel, ...] = ()
     if Search(options.search) is Search.HIERARCHICAL:
         def make_job(unit: Unit) -> ForkJob:
@@ -254,6 +295,21 @@ def plan_explanation(
         levels = search_levels(Granularity(granularity), units, options.budget,
                                lambda g: region_units(regions, g, options), make_job)
     return ExplainPlan(request, encoded, tuple(units), tuple(t_units), options, jobs, levels)
+
+
+def _cell_rows(encoded: EncodedInput, vision: VisionModel | None) -> dict[int, np.ndarray]:
+    """The input embedding at each image cell's position: the backend's projected vision features."""
+    out: dict[int, np.ndarray] = {}
+    for im in encoded.images:
+        rows = vision.cell_embeddings(im.image)
+        if rows is None:
+            raise InvalidRequestError("kappa", "correlated suppression needs the images' embeddings, which this "
+                                               "backend cannot provide; leave kappa unset")
+        rows = np.asarray(rows)
+        if rows.shape[0] != len(im.cell_positions):
+            raise ValueError(f"image {im.index}: {rows.shape[0]} cell embeddings for {len(im.cell_positions)} cells")
+        out.update(zip(im.cell_positions, rows))
+    return out
 
 
 def _marked(scores: Sequence[SpanScore], inherited: Sequence[str | None]) -> tuple[SpanScore, ...]:

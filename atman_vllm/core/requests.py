@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from .chat import ChatPrompt
+from .images import PromptImage
 from .options import ExplainOptions
 
 
@@ -19,6 +20,8 @@ class ExplainRequest:
     with the model's template); units come from the messages' contents only
     and the text is tokenized as it is, without an added BOS (as vLLM does for
     chat).
+    ``images``: the prompt's images in order; ``prompt`` marks where each goes
+    with the model's image placeholder (core/images.py).
     """
 
     prompt: str
@@ -26,3 +29,4 @@ class ExplainRequest:
     options: ExplainOptions = field(default_factory=ExplainOptions)
     target_token_ids: tuple[int, ...] | None = None
     chat: ChatPrompt | None = None
+    images: tuple[PromptImage, ...] = ()

@@ -4,7 +4,10 @@ Every span is ``(start, length)`` into the prompt (``prompt_scores``) or the
 target (``target``, ``target_tokens``, ``target_scores``), with its text, so
 clients never handle token ids. For a chat explanation (``messages``), each
 prompt score also names its ``message`` and its span is into that message's
-content; ``prompt`` is then the rendered chat prompt the model saw.
+content; ``prompt`` is then the rendered chat prompt the model saw. For a
+prompt with images, an image tile's score names its ``image`` (index into
+``images``) and its ``rect`` (``{left, top, width, height}`` in [0, 1] of the
+original image); its span is the image's placeholder in the prompt.
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from .chat import ChatMessage
+from .images import PromptImage, Rect
 from .options import ExplainOptions
 
 
@@ -40,11 +44,16 @@ class SpanScore:
     # a fork of its own; if not, the granularity of the ancestor unit whose score it inherits.
     refined: bool | None = None
     inherited_from: str | None = None
+    image: int | None = None  # an image tile: the image's index in the prompt, and the tile
+    rect: Rect | None = None
 
     def to_dict(self) -> dict:
         d = {"start": self.start, "length": self.length, "text": self.text, "score": self.score}
         if self.message is not None:
             d["message"] = self.message
+        if self.image is not None:
+            d["image"] = self.image
+            d["rect"] = self.rect.to_dict()
         if self.refined is not None:
             d["refined"] = self.refined
         if self.inherited_from is not None:
@@ -53,9 +62,10 @@ class SpanScore:
 
     @classmethod
     def from_dict(cls, d: dict) -> "SpanScore":
-        message = d.get("message")
+        message, image = d.get("message"), d.get("image")
         return cls(int(d["start"]), int(d["length"]), d["text"], float(d["score"]),
-                   None if message is None else int(message), d.get("refined"), d.get("inherited_from"))
+                   None if message is None else int(message), d.get("refined"), d.get("inherited_from"),
+                   None if image is None else int(image), None if image is None else Rect.from_dict(d["rect"]))
 
 
 @dataclass(frozen=True)
@@ -153,6 +163,7 @@ class ExplainResult:
     stats: ExplainStats
     target_boundary: TargetBoundary = TargetBoundary(True)
     messages: tuple[ChatMessage, ...] | None = None  # chat explanations: the messages, as given
+    images: tuple[PromptImage, ...] = ()  # a prompt with images: each one's size and digest (not its pixels)
 
     def to_dict(self) -> dict:
         d = {
@@ -166,6 +177,8 @@ class ExplainResult:
         }
         if self.messages is not None:
             d["messages"] = [m.to_dict() for m in self.messages]
+        if self.images:
+            d["images"] = [im.to_dict() for im in self.images]
         return d
 
     # Display and conversions live in atman_vllm.view, imported on first use so
@@ -209,6 +222,7 @@ class ExplainResult:
             stats=ExplainStats.from_dict(d["stats"]),
             target_boundary=TargetBoundary.from_dict(d.get("target_boundary")),
             messages=None if d.get("messages") is None else tuple(ChatMessage.from_dict(m) for m in d["messages"]),
+            images=tuple(PromptImage(m["digest"], int(m["width"]), int(m["height"])) for m in d.get("images", ())),
         )
 
 
@@ -228,10 +242,15 @@ def _optional(schema: dict, *names: str) -> dict:
 _SPAN_SCORE = _obj({**_SPAN_PROPS, "score": {"type": "number"}})
 # Chat explanations: prompt scores name their message (spans are into its content).
 # Hierarchical search: each prompt score says whether it was refined, or which coarser unit it inherits.
+_UNIT_NUMBER = {"type": "number", "minimum": 0, "maximum": 1}
+_RECT = _obj({"left": _UNIT_NUMBER, "top": _UNIT_NUMBER, "width": _UNIT_NUMBER, "height": _UNIT_NUMBER})
+# Prompts with images: an image tile's score names the image and its rectangle in the original image.
 _PROMPT_SCORE = _optional(_obj({**_SPAN_PROPS, "score": {"type": "number"}, "message": _INT0,
                                 "refined": {"type": "boolean"},
-                                "inherited_from": {"enum": ["paragraph", "sentence"]}}),
-                          "message", "refined", "inherited_from")
+                                "inherited_from": {"enum": ["paragraph", "sentence"]},
+                                "image": _INT0, "rect": _RECT}),
+                          "message", "refined", "inherited_from", "image", "rect")
+_PROMPT_SCORE["dependentRequired"] = {"image": ["rect"], "rect": ["image"]}
 _OPTIONS = _obj({
     "factor": {"type": "number", "exclusiveMinimum": 0},
     "mode": {"enum": ["log-additive", "multiplicative"]},
@@ -246,6 +265,7 @@ _OPTIONS["properties"]["delimiter"] = {"type": "string", "minLength": 1}
 # Present only for search "hierarchical" (an exhaustive result's options are as they always were).
 _OPTIONS["properties"]["search"] = {"enum": ["exhaustive", "hierarchical"]}
 _OPTIONS["properties"]["budget"] = {"type": "integer", "minimum": 2}
+_OPTIONS["properties"]["image_granularity"] = {"enum": ["token", "word", "sentence", "paragraph"]}
 _OPTIONS["properties"]["spans"] = {
     "type": "array", "minItems": 1,
     "items": {"type": "array", "prefixItems": [_INT0, {"type": "integer", "minimum": 1}], "minItems": 2, "maxItems": 2},
@@ -274,6 +294,12 @@ EXPLAIN_RESULT_SCHEMA: dict = {
         "messages": {"type": "array", "minItems": 1, "items": _obj({
             "role": {"enum": ["system", "user", "assistant"]}, "content": {"type": "string"},
         })},
+        "images": {"type": "array", "minItems": 1, "items": _obj({
+            "width": {"type": "integer", "minimum": 1}, "height": {"type": "integer", "minimum": 1},
+            "digest": {"type": "string"},
+        })},
+        # HTTP /v1/explain with "heatmap": true: the image tiles' relevance drawn over the images.
+        "heatmap": {"type": "string", "pattern": "^data:image/png;base64,"},
     }),
 }
-_optional(EXPLAIN_RESULT_SCHEMA, "messages")
+_optional(EXPLAIN_RESULT_SCHEMA, "messages", "images", "heatmap")

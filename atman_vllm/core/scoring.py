@@ -49,7 +49,8 @@ def _finish_scores(values: np.ndarray, postprocessing: Postprocessing, normalize
 
 
 def _span_scores(units: Sequence[Unit], values: np.ndarray) -> tuple[SpanScore, ...]:
-    return tuple(SpanScore(u.start, u.length, u.text, float(v), u.message) for u, v in zip(units, values))
+    return tuple(SpanScore(u.start, u.length, u.text, float(v), u.message, image=u.image, rect=u.rect)
+                 for u, v in zip(units, values))
 
 
 def score_explanations(

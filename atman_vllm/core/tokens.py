@@ -20,9 +20,10 @@ gets an empty span; the token that completes the character gets it).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Protocol, Sequence, runtime_checkable
 
+from .images import EncodedImage, PromptImage, VisionModel, check_image_count, expand_placeholders, locate_images
 from .options import InvalidRequestError
 from .results import TargetBoundary
 
@@ -84,6 +85,8 @@ class EncodedInput:
     target_offsets: Offsets  # relative to the target text (the first clamped at 0 when not aligned)
     target: str = ""  # the target text the offsets index (decoded, for a target given as ids)
     boundary: TargetBoundary = TargetBoundary(True)
+    # A prompt with images: where each image's tokens are (an image token's offsets are its placeholder's).
+    images: tuple[EncodedImage, ...] = ()
 
     @property
     def num_targets(self) -> int:
@@ -202,3 +205,30 @@ def encode_with_target_ids(tokenizer: Tokenizer, prompt: str, target_ids: Sequen
         target_offsets=target_offsets,
         target=target,
     )
+
+
+def encode_prompt_with_images(tokenizer: Tokenizer, prompt: str, images: Sequence[PromptImage], vision: VisionModel,
+                              *, add_bos: bool = True) -> tuple[EncodedPrompt, tuple[EncodedImage, ...]]:
+    """The prompt alone (to generate after it) with its images expanded, as ``encode_with_images``."""
+    starts = check_image_count(check_text(prompt, "prompt"), images, vision.placeholder)
+    layouts = [vision.image_layout(im) for im in images]
+    expanded = expand_placeholders(prompt, starts, vision.placeholder, layouts)
+    enc = encode_prompt(tokenizer, expanded.text, add_bos=add_bos)
+    offsets, encoded = locate_images(expanded, enc.token_ids, enc.prompt_start, enc.prompt_offsets, images, layouts)
+    return replace(enc, prompt_offsets=offsets), encoded
+
+
+def encode_with_images(tokenizer: Tokenizer, prompt: str, target: str, images: Sequence[PromptImage],
+                       vision: VisionModel, *, add_bos: bool = True,
+                       target_ids: Sequence[int] | None = None) -> EncodedInput:
+    """A prompt with images (one ``vision.placeholder`` per image, core/images.py): tokenized with each
+    placeholder expanded as the model's processor expands it, offsets mapped back to the prompt."""
+    starts = check_image_count(check_text(prompt, "prompt"), images, vision.placeholder)
+    layouts = [vision.image_layout(im) for im in images]
+    expanded = expand_placeholders(prompt, starts, vision.placeholder, layouts)
+    if target_ids is not None:
+        enc = encode_with_target_ids(tokenizer, expanded.text, target_ids, add_bos=add_bos)
+    else:
+        enc = encode_input(tokenizer, expanded.text, target, add_bos=add_bos)
+    offsets, encoded = locate_images(expanded, enc.token_ids, enc.prompt_start, enc.prompt_offsets, images, layouts)
+    return replace(enc, prompt_offsets=offsets, images=encoded)

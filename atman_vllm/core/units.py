@@ -37,6 +37,7 @@ import re
 from dataclasses import dataclass
 from typing import Literal, Sequence
 
+from .images import EncodedImage, Rect, cell_rect, image_granularity_for, image_tiles
 from .options import ExplainOptions, Granularity, InvalidRequestError, TargetGranularity
 
 AUTO_MAX_UNITS = 30  # auto picks the finest granularity with at most this many units
@@ -56,6 +57,10 @@ class Unit:
     positions: tuple[int, ...]  # absolute token indices in the sequence, increasing
     region: Region = "prompt"
     message: int | None = None  # chat: the message whose content start/length index
+    # An image tile: the image's index and the tile's rectangle in the original image; start/length/text
+    # are then the image's placeholder in the prompt.
+    image: int | None = None
+    rect: Rect | None = None
 
     def __post_init__(self):
         if not self.positions:
@@ -240,26 +245,79 @@ def chat_regions(prompt_offsets: Sequence[CharSpan], prompt_start: int, content_
     return regions
 
 
+def text_regions(prompt: str, prompt_offsets: Sequence[CharSpan], prompt_start: int,
+                 images: Sequence[EncodedImage]) -> list[PromptRegion]:
+    """The text pieces of a prompt with images (between placeholders), one region each, spans into the prompt.
+
+    A region's text is the prompt with every character outside its piece blanked, so its units
+    stay inside the piece (a sentence never runs across an image) and report prompt offsets.
+    """
+    bounds, pos = [], 0
+    for im in images:
+        bounds.append((pos, im.placeholder_start))
+        pos = im.placeholder_start + len(im.placeholder)
+    bounds.append((pos, len(prompt)))
+    image_positions = {p for im in images for p in range(im.token_start, im.token_end)}
+    regions = []
+    for a, b in bounds:
+        if not prompt[a:b].strip():
+            continue
+        inside = [i for i, (s, e) in enumerate(prompt_offsets)
+                  if prompt_start + i not in image_positions and a <= s and e <= b and (s < e or a < s < b)]
+        if not inside:
+            continue
+        first, last = inside[0], inside[-1]
+        text = " " * a + prompt[a:b] + " " * (len(prompt) - b)
+        regions.append(PromptRegion(text, tuple(prompt_offsets[first:last + 1]), prompt_start + first))
+    return regions
+
+
 def region_units(regions: Sequence[PromptRegion], granularity: Granularity, options: ExplainOptions) -> list[Unit]:
     """Units of every region for one (resolved) granularity."""
     return [u for r in regions for u in _units_for(r.text, r.offsets, r.first_position, granularity, options, r.message)]
 
 
-def segment_regions(regions: Sequence[PromptRegion], options: ExplainOptions) -> tuple[list[Unit], Granularity]:
-    """Units of every region for ``options.granularity``, and the granularity used (auto: the finest
-    with at most AUTO_MAX_UNITS units over all regions together)."""
-    if not regions:
+def image_units(images: Sequence[EncodedImage], granularity: Granularity) -> list[Unit]:
+    """Tiles of each image's cell grid as units (core/images.py), row-major per image."""
+    units = []
+    for im in images:
+        for r0, c0, r1, c1 in image_tiles(im.rows, im.cols, granularity):
+            rect = cell_rect(r0, c0, r1, c1, im.rows, im.cols, im.content)
+            if rect is None:  # padding only: nothing of the image to suppress
+                continue
+            positions = tuple(im.cell_positions[r * im.cols + c] for r in range(r0, r1) for c in range(c0, c1))
+            units.append(Unit(im.placeholder_start, len(im.placeholder), im.placeholder, tuple(sorted(positions)),
+                              "prompt", None, im.index, rect))
+    return units
+
+
+def _with_images(units: list[Unit], images: Sequence[EncodedImage], granularity: Granularity,
+                 options: ExplainOptions) -> list[Unit]:
+    if not images:
+        return units
+    tiles = image_units(images, image_granularity_for(granularity, options.image_granularity))
+    return sorted(units + tiles, key=lambda u: u.positions[0])  # in the order the model reads them
+
+
+def segment_regions(regions: Sequence[PromptRegion], options: ExplainOptions,
+                    images: Sequence[EncodedImage] = ()) -> tuple[list[Unit], Granularity]:
+    """Units of every region (and image tiles of ``images``) for ``options.granularity``, in sequence
+    order, and the granularity used (auto: the finest with at most AUTO_MAX_UNITS units over all
+    regions and images together; images follow it unless ``image_granularity`` is set)."""
+    if not regions and not images:
         raise InvalidRequestError("messages", "no message content has a token of its own to explain")
     granularity = Granularity(options.granularity)
     if granularity is Granularity.SPANS and any(r.message is not None for r in regions):
         raise InvalidRequestError("spans", "are character spans of a prompt; with messages use another granularity")
+    if granularity is Granularity.SPANS and images:
+        raise InvalidRequestError("spans", "are character spans of a text prompt; with images use another granularity")
     if granularity is Granularity.AUTO:
         for candidate in _AUTO_ORDER:
-            units = region_units(regions, candidate, options)
+            units = _with_images(region_units(regions, candidate, options), images, candidate, options)
             if len(units) <= AUTO_MAX_UNITS:
                 return units, candidate
         return units, Granularity.PARAGRAPH
-    return region_units(regions, granularity, options), granularity
+    return _with_images(region_units(regions, granularity, options), images, granularity, options), granularity
 
 
 def segment_prompt(

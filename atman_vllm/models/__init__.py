@@ -2,7 +2,8 @@
 prepared real models (``resolve_model("smollm2-135m-instruct")``) built from installed packages."""
 
 from .factory import FAMILIES, build_tiny_model, load_tokenizer
+from .vlm import build_tiny_vlm
 from .registry import PREPARED, PreparedModelError, model_cache_dir, prepare, resolve_model
 
-__all__ = ["FAMILIES", "PREPARED", "PreparedModelError", "build_tiny_model", "load_tokenizer", "model_cache_dir",
+__all__ = ["FAMILIES", "PREPARED", "PreparedModelError", "build_tiny_model", "build_tiny_vlm", "load_tokenizer", "model_cache_dir",
            "prepare", "resolve_model"]

@@ -145,6 +145,32 @@ def _build_tokenizer(spec: TinyModelSpec, out: Path) -> None:
     fast.save_pretrained(str(out))
 
 
+def word_level_tokenizer(texts, *, bos: str = "<s>", eos: str = "</s>", unk: str = "<unk>", pad: str = "<pad>",
+                         extra_special: tuple[str, ...] = (), model_max_length: int = 512):
+    """A WordLevel tokenizer over the words and punctuation of ``texts``, with BOS and char offsets.
+
+    Ids: ``pad, bos, eos, unk``, then ``extra_special`` (matched whole in any
+    text, never split), then the words. Made for small task vocabularies (the
+    demo model, the shapes VLM): one token per word, and since leading spaces
+    never matter, ``tokenize(prompt + target) == tokenize(prompt) + tokenize(target)``.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.WordLevel(unk_token=unk))
+    # \w+|[^\w\s]+ : "Lisbon." -> "Lisbon", "."
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    trainer = trainers.WordLevelTrainer(special_tokens=[pad, bos, eos, unk, *extra_special], min_frequency=1)
+    tok.train_from_iterator(texts, trainer=trainer)
+    tok.post_processor = processors.TemplateProcessing(
+        single=f"{bos} $A", pair=f"{bos} $A $B", special_tokens=[(bos, tok.token_to_id(bos))])
+    # Joins words with spaces and drops the space before punctuation on decode.
+    tok.decoder = decoders.WordPiece(prefix="##", cleanup=True)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token=bos, eos_token=eos, unk_token=unk, pad_token=pad,
+        model_max_length=model_max_length)
+
+
 # --- model -----------------------------------------------------------------
 
 
@@ -175,7 +201,7 @@ def _config(spec: TinyModelSpec):
     )
 
 
-def _init_weights(model, seed: int, hidden: int) -> None:
+def init_random_weights(model, seed: int, hidden: int) -> None:
     """Seeded init that keeps attention and next-token distributions non-flat.
 
     Linear maps get std 1/sqrt(fan_in) (unit-variance outputs, so q·k/sqrt(d)
@@ -214,7 +240,7 @@ def _build_model(spec: TinyModelSpec, out: Path) -> None:
     config.dtype = "float32"
     torch.manual_seed(spec.seed)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    _init_weights(model, spec.seed, spec.hidden)
+    init_random_weights(model, spec.seed, spec.hidden)
     model.eval()
     model.save_pretrained(str(out))
 

@@ -55,6 +55,7 @@ from pathlib import Path
 
 import torch
 
+from atman_vllm.models.factory import word_level_tokenizer
 from atman_vllm.quality.tasks import (
     DEMO_ASKS, QAExample, generate_document, generate_examples, vocabulary_text, without_evidence,
 )
@@ -67,23 +68,8 @@ HELD_OUT_SEED = 10_001  # evaluation documents; training draws from its own seed
 
 
 def build_tokenizer():
-    """WordLevel tokenizer over words and punctuation, with BOS and char offsets."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.WordLevel(unk_token=UNK))
-    # \w+|[^\w\s]+ : "Lisbon." -> "Lisbon", "."; leading spaces never matter, so
-    # tokenize(prompt + target) == tokenize(prompt) + tokenize(target).
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    trainer = trainers.WordLevelTrainer(special_tokens=[PAD, BOS, EOS, UNK], min_frequency=1)
-    tok.train_from_iterator(vocabulary_text(), trainer=trainer)
-    tok.post_processor = processors.TemplateProcessing(
-        single=f"{BOS} $A", pair=f"{BOS} $A $B", special_tokens=[(BOS, tok.token_to_id(BOS))])
-    # Joins words with spaces and drops the space before punctuation on decode.
-    tok.decoder = decoders.WordPiece(prefix="##", cleanup=True)
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tok, bos_token=BOS, eos_token=EOS, unk_token=UNK, pad_token=PAD,
-        model_max_length=512)
+    """WordLevel tokenizer over the facts task's words and punctuation, with BOS and char offsets."""
+    return word_level_tokenizer(vocabulary_text(), bos=BOS, eos=EOS, unk=UNK, pad=PAD)
 
 
 # --------------------------------------------------------------------------- data

@@ -15,7 +15,7 @@ class Span(_message.Message):
     def __init__(self, start: _Optional[int] = ..., length: _Optional[int] = ...) -> None: ...
 
 class ExplainOptions(_message.Message):
-    __slots__ = ("factor", "mode", "kappa", "granularity", "delimiter", "spans", "target_granularity", "postprocessing", "normalize", "search", "budget")
+    __slots__ = ("factor", "mode", "kappa", "granularity", "delimiter", "spans", "target_granularity", "postprocessing", "normalize", "search", "budget", "image_granularity")
     FACTOR_FIELD_NUMBER: _ClassVar[int]
     MODE_FIELD_NUMBER: _ClassVar[int]
     KAPPA_FIELD_NUMBER: _ClassVar[int]
@@ -27,6 +27,7 @@ class ExplainOptions(_message.Message):
     NORMALIZE_FIELD_NUMBER: _ClassVar[int]
     SEARCH_FIELD_NUMBER: _ClassVar[int]
     BUDGET_FIELD_NUMBER: _ClassVar[int]
+    IMAGE_GRANULARITY_FIELD_NUMBER: _ClassVar[int]
     factor: float
     mode: str
     kappa: float
@@ -38,7 +39,16 @@ class ExplainOptions(_message.Message):
     normalize: bool
     search: str
     budget: int
-    def __init__(self, factor: _Optional[float] = ..., mode: _Optional[str] = ..., kappa: _Optional[float] = ..., granularity: _Optional[str] = ..., delimiter: _Optional[str] = ..., spans: _Optional[_Iterable[_Union[Span, _Mapping]]] = ..., target_granularity: _Optional[str] = ..., postprocessing: _Optional[str] = ..., normalize: _Optional[bool] = ..., search: _Optional[str] = ..., budget: _Optional[int] = ...) -> None: ...
+    image_granularity: str
+    def __init__(self, factor: _Optional[float] = ..., mode: _Optional[str] = ..., kappa: _Optional[float] = ..., granularity: _Optional[str] = ..., delimiter: _Optional[str] = ..., spans: _Optional[_Iterable[_Union[Span, _Mapping]]] = ..., target_granularity: _Optional[str] = ..., postprocessing: _Optional[str] = ..., normalize: _Optional[bool] = ..., search: _Optional[str] = ..., budget: _Optional[int] = ..., image_granularity: _Optional[str] = ...) -> None: ...
+
+class PromptPart(_message.Message):
+    __slots__ = ("text", "image")
+    TEXT_FIELD_NUMBER: _ClassVar[int]
+    IMAGE_FIELD_NUMBER: _ClassVar[int]
+    text: str
+    image: bytes
+    def __init__(self, text: _Optional[str] = ..., image: _Optional[bytes] = ...) -> None: ...
 
 class ChatMessage(_message.Message):
     __slots__ = ("role", "content")
@@ -49,18 +59,20 @@ class ChatMessage(_message.Message):
     def __init__(self, role: _Optional[str] = ..., content: _Optional[str] = ...) -> None: ...
 
 class ExplainRequest(_message.Message):
-    __slots__ = ("prompt", "target", "options", "model", "messages")
+    __slots__ = ("prompt", "target", "options", "model", "messages", "parts")
     PROMPT_FIELD_NUMBER: _ClassVar[int]
     TARGET_FIELD_NUMBER: _ClassVar[int]
     OPTIONS_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     MESSAGES_FIELD_NUMBER: _ClassVar[int]
+    PARTS_FIELD_NUMBER: _ClassVar[int]
     prompt: str
     target: str
     options: ExplainOptions
     model: str
     messages: _containers.RepeatedCompositeFieldContainer[ChatMessage]
-    def __init__(self, prompt: _Optional[str] = ..., target: _Optional[str] = ..., options: _Optional[_Union[ExplainOptions, _Mapping]] = ..., model: _Optional[str] = ..., messages: _Optional[_Iterable[_Union[ChatMessage, _Mapping]]] = ...) -> None: ...
+    parts: _containers.RepeatedCompositeFieldContainer[PromptPart]
+    def __init__(self, prompt: _Optional[str] = ..., target: _Optional[str] = ..., options: _Optional[_Union[ExplainOptions, _Mapping]] = ..., model: _Optional[str] = ..., messages: _Optional[_Iterable[_Union[ChatMessage, _Mapping]]] = ..., parts: _Optional[_Iterable[_Union[PromptPart, _Mapping]]] = ...) -> None: ...
 
 class TargetToken(_message.Message):
     __slots__ = ("text", "start", "length", "logprob")
@@ -85,7 +97,7 @@ class TextSpan(_message.Message):
     def __init__(self, start: _Optional[int] = ..., length: _Optional[int] = ..., text: _Optional[str] = ...) -> None: ...
 
 class ScoredSpan(_message.Message):
-    __slots__ = ("start", "length", "text", "score", "message", "refined", "inherited_from")
+    __slots__ = ("start", "length", "text", "score", "message", "refined", "inherited_from", "image", "rect")
     START_FIELD_NUMBER: _ClassVar[int]
     LENGTH_FIELD_NUMBER: _ClassVar[int]
     TEXT_FIELD_NUMBER: _ClassVar[int]
@@ -93,6 +105,8 @@ class ScoredSpan(_message.Message):
     MESSAGE_FIELD_NUMBER: _ClassVar[int]
     REFINED_FIELD_NUMBER: _ClassVar[int]
     INHERITED_FROM_FIELD_NUMBER: _ClassVar[int]
+    IMAGE_FIELD_NUMBER: _ClassVar[int]
+    RECT_FIELD_NUMBER: _ClassVar[int]
     start: int
     length: int
     text: str
@@ -100,7 +114,31 @@ class ScoredSpan(_message.Message):
     message: int
     refined: bool
     inherited_from: str
-    def __init__(self, start: _Optional[int] = ..., length: _Optional[int] = ..., text: _Optional[str] = ..., score: _Optional[float] = ..., message: _Optional[int] = ..., refined: _Optional[bool] = ..., inherited_from: _Optional[str] = ...) -> None: ...
+    image: int
+    rect: Rect
+    def __init__(self, start: _Optional[int] = ..., length: _Optional[int] = ..., text: _Optional[str] = ..., score: _Optional[float] = ..., message: _Optional[int] = ..., refined: _Optional[bool] = ..., inherited_from: _Optional[str] = ..., image: _Optional[int] = ..., rect: _Optional[_Union[Rect, _Mapping]] = ...) -> None: ...
+
+class Rect(_message.Message):
+    __slots__ = ("left", "top", "width", "height")
+    LEFT_FIELD_NUMBER: _ClassVar[int]
+    TOP_FIELD_NUMBER: _ClassVar[int]
+    WIDTH_FIELD_NUMBER: _ClassVar[int]
+    HEIGHT_FIELD_NUMBER: _ClassVar[int]
+    left: float
+    top: float
+    width: float
+    height: float
+    def __init__(self, left: _Optional[float] = ..., top: _Optional[float] = ..., width: _Optional[float] = ..., height: _Optional[float] = ...) -> None: ...
+
+class ImageInfo(_message.Message):
+    __slots__ = ("width", "height", "digest")
+    WIDTH_FIELD_NUMBER: _ClassVar[int]
+    HEIGHT_FIELD_NUMBER: _ClassVar[int]
+    DIGEST_FIELD_NUMBER: _ClassVar[int]
+    width: int
+    height: int
+    digest: str
+    def __init__(self, width: _Optional[int] = ..., height: _Optional[int] = ..., digest: _Optional[str] = ...) -> None: ...
 
 class TargetBoundary(_message.Message):
     __slots__ = ("aligned", "prompt_chars", "note")
@@ -137,7 +175,7 @@ class ExplainStats(_message.Message):
     def __init__(self, perturbations: _Optional[int] = ..., forward_passes: _Optional[int] = ..., computed_tokens: _Optional[int] = ..., cached_tokens: _Optional[int] = ..., elapsed_s: _Optional[float] = ...) -> None: ...
 
 class ExplainResult(_message.Message):
-    __slots__ = ("prompt", "target", "target_tokens", "explanations", "options", "stats", "target_boundary", "messages")
+    __slots__ = ("prompt", "target", "target_tokens", "explanations", "options", "stats", "target_boundary", "messages", "images")
     PROMPT_FIELD_NUMBER: _ClassVar[int]
     TARGET_FIELD_NUMBER: _ClassVar[int]
     TARGET_TOKENS_FIELD_NUMBER: _ClassVar[int]
@@ -146,6 +184,7 @@ class ExplainResult(_message.Message):
     STATS_FIELD_NUMBER: _ClassVar[int]
     TARGET_BOUNDARY_FIELD_NUMBER: _ClassVar[int]
     MESSAGES_FIELD_NUMBER: _ClassVar[int]
+    IMAGES_FIELD_NUMBER: _ClassVar[int]
     prompt: str
     target: str
     target_tokens: _containers.RepeatedCompositeFieldContainer[TargetToken]
@@ -154,7 +193,8 @@ class ExplainResult(_message.Message):
     stats: ExplainStats
     target_boundary: TargetBoundary
     messages: _containers.RepeatedCompositeFieldContainer[ChatMessage]
-    def __init__(self, prompt: _Optional[str] = ..., target: _Optional[str] = ..., target_tokens: _Optional[_Iterable[_Union[TargetToken, _Mapping]]] = ..., explanations: _Optional[_Iterable[_Union[Explanation, _Mapping]]] = ..., options: _Optional[_Union[ExplainOptions, _Mapping]] = ..., stats: _Optional[_Union[ExplainStats, _Mapping]] = ..., target_boundary: _Optional[_Union[TargetBoundary, _Mapping]] = ..., messages: _Optional[_Iterable[_Union[ChatMessage, _Mapping]]] = ...) -> None: ...
+    images: _containers.RepeatedCompositeFieldContainer[ImageInfo]
+    def __init__(self, prompt: _Optional[str] = ..., target: _Optional[str] = ..., target_tokens: _Optional[_Iterable[_Union[TargetToken, _Mapping]]] = ..., explanations: _Optional[_Iterable[_Union[Explanation, _Mapping]]] = ..., options: _Optional[_Union[ExplainOptions, _Mapping]] = ..., stats: _Optional[_Union[ExplainStats, _Mapping]] = ..., target_boundary: _Optional[_Union[TargetBoundary, _Mapping]] = ..., messages: _Optional[_Iterable[_Union[ChatMessage, _Mapping]]] = ..., images: _Optional[_Iterable[_Union[ImageInfo, _Mapping]]] = ...) -> None: ...
 
 class ExplainProgress(_message.Message):
     __slots__ = ("done_forks", "total_forks")

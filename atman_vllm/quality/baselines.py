@@ -169,10 +169,10 @@ class Cost:
 class PassCounter:
     """Counts sequences through the model's final norm, forward and backward."""
 
-    def __init__(self, model):
+    def __init__(self, model, norm=None):
         self.forward = 0
         self.backward = 0
-        norm = model.model.norm
+        norm = model.model.norm if norm is None else norm  # a causal LM's final norm, or the one given
 
         def hook(_module, _inputs, output):
             self.forward += int(output.shape[0])
@@ -325,15 +325,20 @@ def _attention_last(hf: HFModel, ex: PreparedExample) -> np.ndarray:
     return last[_target_rows(ex)].mean(0).numpy()
 
 
-def _attention_rollout(hf: HFModel, ex: PreparedExample) -> np.ndarray:
+def attention_rollout(attentions, rows: Sequence[int]) -> np.ndarray:
+    """Rollout of per-layer attention weights ([H, L, L] each), averaged over the query ``rows``."""
     import torch
 
     rollout = None
-    for layer in _attentions(hf, ex):
+    for layer in attentions:
         a = 0.5 * layer.mean(0) + 0.5 * torch.eye(layer.shape[-1], dtype=layer.dtype)
         a = a / a.sum(-1, keepdim=True)
         rollout = a if rollout is None else a @ rollout
-    return rollout[_target_rows(ex)].mean(0).numpy()
+    return rollout[list(rows)].mean(0).numpy()
+
+
+def _attention_rollout(hf: HFModel, ex: PreparedExample) -> np.ndarray:
+    return attention_rollout(_attentions(hf, ex), _target_rows(ex))
 
 
 # --------------------------------------------------------------------------- AttnLRP

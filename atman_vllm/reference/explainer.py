@@ -17,6 +17,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
 from atman_vllm.core import ExplainRequest, Explainer, ForkJob, ForkResult, HFTokenizer, KeyBias, Tokenizer
+from atman_vllm.core.images import EncodedImage
 from atman_vllm.core.tokens import encode_prompt
 from atman_vllm.kernels.key_bias import KeyBiasCSR
 
@@ -63,29 +64,40 @@ class ReferenceExplainer(Explainer):
     # --- forward passes ----------------------------------------------------
 
     @torch.no_grad()
-    def _logits(self, token_ids: Sequence[int], biases: Sequence[KeyBias | None]) -> torch.Tensor:
+    def _logits(self, token_ids: Sequence[int], biases: Sequence[KeyBias | None],
+                images: tuple[EncodedImage, ...] = ()) -> torch.Tensor:
         """[len(biases), L, V] float32 logits of the same sequence under each bias (one forward)."""
         length = len(token_ids)
         input_ids = torch.tensor([list(token_ids)] * len(biases), dtype=torch.long)
         outside = [b.positions[-1] for b in biases if b is not None and b.positions and b.positions[-1] >= length]
         if outside:
             raise ValueError(f"bias position {outside[0]} is outside a sequence of {length} tokens")
+        embeds = self._input_embeds(input_ids, images)  # outside the bias scope: a vision tower is never biased
         with key_bias_scope(KeyBiasCSR.from_key_biases(biases)):
-            return self.model(input_ids=input_ids, use_cache=False).logits
+            return self._forward(input_ids, embeds)
+
+    def _input_embeds(self, input_ids: torch.Tensor, images: tuple[EncodedImage, ...]) -> torch.Tensor | None:
+        """The decoder's input embeddings when they are not its token embeddings (images); None here."""
+        if images:
+            raise ValueError(f"{type(self).__name__} takes no images")
+        return None
+
+    def _forward(self, input_ids: torch.Tensor, embeds: torch.Tensor | None) -> torch.Tensor:
+        return self.model(input_ids=input_ids, use_cache=False).logits
 
     def run_jobs(self, jobs: Sequence[ForkJob]) -> list[ForkResult]:
-        by_sequence: dict[tuple[int, ...], list[int]] = defaultdict(list)
+        by_sequence: dict[tuple, list[int]] = defaultdict(list)
         for i, job in enumerate(jobs):
             if not 1 <= job.target_start < len(job.token_ids):
                 raise ValueError(f"target_start {job.target_start} outside 1..{len(job.token_ids) - 1}")
-            by_sequence[tuple(job.token_ids)].append(i)
+            by_sequence[(tuple(job.token_ids), job.images)].append(i)
 
         results: list[ForkResult | None] = [None] * len(jobs)
-        for token_ids, indices in by_sequence.items():
+        for (token_ids, images), indices in by_sequence.items():
             targets = torch.tensor(token_ids[1:], dtype=torch.long)  # token at p+1 is predicted at position p
             for chunk_start in range(0, len(indices), self.batch_size):
                 chunk = indices[chunk_start:chunk_start + self.batch_size]
-                logits = self._logits(token_ids, [jobs[i].bias for i in chunk])
+                logits = self._logits(token_ids, [jobs[i].bias for i in chunk], images)
                 logprobs = torch.log_softmax(logits[:, :-1].double(), dim=-1)  # float64, as the contract asks
                 token_ce = -logprobs.gather(-1, targets.expand(len(chunk), -1)[..., None])[..., 0]  # [b, L-1]
                 for row, i in enumerate(chunk):

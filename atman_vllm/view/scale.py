@@ -45,7 +45,9 @@ def mixed_rgb(score: float, scale: float) -> tuple[int, int, int]:
 
 def prompt_texts(result, scores) -> list[tuple[str, str, list]]:
     """(label, text, the scores whose spans index that text): the prompt, or for a chat each message's
-    content (scores name their message), so every view highlights spans in the text they index."""
+    content (scores name their message), so every view highlights spans in the text they index. An
+    image tile's score is no text highlight (its span is the image's placeholder): the heatmap shows it."""
+    scores = [s for s in scores if s.image is None]
     if result.messages is None:
-        return [("", result.prompt, list(scores))]
+        return [("", result.prompt, scores)]
     return [(f"{m.role}: ", m.content, [s for s in scores if s.message == i]) for i, m in enumerate(result.messages)]

@@ -64,7 +64,11 @@ def _one(index: int, result: ExplainResult, exp: ExplanationForTarget) -> list[R
     for rank, (where, s) in enumerate(top, 1):
         if s.message is not None:
             where = f"message {s.message}"
-        table.add_row(str(rank), f"{where} {s.start}:{s.length}", Text(repr(s.text)), f"{s.score:+.4f}")
+        span = f"{where} {s.start}:{s.length}"
+        if s.image is not None:  # an image tile: where in the image, in [0, 1] of the original image
+            r = s.rect
+            span = f"image {s.image} x {r.left:.2f}+{r.width:.2f} y {r.top:.2f}+{r.height:.2f}"
+        table.add_row(str(rank), span, Text(repr(s.text)), f"{s.score:+.4f}")
     parts.append(table)
     return parts
 

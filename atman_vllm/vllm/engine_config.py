@@ -73,6 +73,7 @@ def supported_engine_kwargs(model: str, engine_args: dict, platform: str | None 
     kwargs["model"] = str(model)
     kwargs.setdefault("enable_prefix_caching", True)
     kwargs.setdefault("scheduling_policy", "priority")  # explanation forks run behind generation
+    _pin_images(kwargs)
     if platform == "cpu":
         for k, v in CPU_DEFAULTS.items():
             if k == "kv_cache_memory_bytes" and environ.get("VLLM_CPU_KVCACHE_SPACE"):
@@ -83,6 +84,33 @@ def supported_engine_kwargs(model: str, engine_args: dict, platform: str | None 
     elif platform == "cuda":
         _pin_cuda(kwargs, environ)
     return kwargs
+
+
+DEFAULT_MAX_IMAGES = 4  # images per prompt, when the caller does not set limit_mm_per_prompt
+
+
+def model_type(model: str) -> str | None:
+    """``model_type`` of a model directory's config.json (None: not a directory with one)."""
+    import json
+    from pathlib import Path
+
+    path = Path(model) / "config.json"
+    try:
+        return json.loads(path.read_text()).get("model_type")
+    except (OSError, ValueError):
+        return None
+
+
+def _pin_images(kwargs: dict) -> None:
+    """Idefics3: one grid of cells per image (core/images.py), so image splitting stays off."""
+    if model_type(kwargs["model"]) != "idefics3":
+        return
+    mm = dict(kwargs.get("mm_processor_kwargs") or {})
+    if mm.setdefault("do_image_splitting", False):
+        raise UnsupportedEngineSetting("mm_processor_kwargs.do_image_splitting", "image units are tiles of one "
+                                       "cell grid per image; a split image is several grids: leave it off")
+    kwargs["mm_processor_kwargs"] = mm
+    kwargs.setdefault("limit_mm_per_prompt", {"image": DEFAULT_MAX_IMAGES})
 
 
 def _pin_cuda(kwargs: dict, environ) -> None:

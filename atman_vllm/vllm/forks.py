@@ -18,6 +18,7 @@ import numpy as np
 from vllm import SamplingParams
 from vllm.inputs import TokensPrompt
 
+from atman_vllm.core.images import EncodedImage
 from atman_vllm.core.jobs import ForkJob, ForkResult, KeyBias
 
 from .wire import AtmanRequestInfo
@@ -29,17 +30,39 @@ class EngineRequest:
     params: SamplingParams
 
 
-def fork_request(job: ForkJob) -> EngineRequest:
+def engine_prompt(token_ids, images: tuple[EncodedImage, ...] = (), placeholder_ids: tuple[int, ...] = ()) -> TokensPrompt:
+    """The engine's prompt for a sequence whose images are expanded (core/images.py): each image's
+    tokens go back to its placeholder's ids and its pixels ride along, so vLLM's processor expands
+    it again, runs the vision encoder, and keys the image's prefix-cache blocks by its hash
+    (``multi_modal_uuids``: the pixels' sha256, so forks do not re-hash the pixels)."""
+    if not images:
+        return TokensPrompt(prompt_token_ids=list(token_ids))
+    if not placeholder_ids:
+        raise ValueError("a prompt with images needs the model's placeholder ids")
+    ids, pos = [], 0
+    for im in images:
+        ids += list(token_ids[pos:im.token_start]) + list(placeholder_ids)
+        pos = im.token_end
+    ids += list(token_ids[pos:])
+    return TokensPrompt(prompt_token_ids=ids, multi_modal_data={"image": [im.image.data for im in images]},
+                        multi_modal_uuids={"image": [im.image.digest for im in images]})
+
+
+def fork_request(job: ForkJob, placeholder_ids: tuple[int, ...] = ()) -> EngineRequest:
     """One forward pass scoring the target: max_tokens=1, nothing detokenized."""
     info = AtmanRequestInfo(job.bias, job.target_start, nonce=uuid.uuid4().hex)
     params = SamplingParams(max_tokens=1, temperature=0.0, detokenize=False, extra_args=info.to_extra_args())
-    return EngineRequest(TokensPrompt(prompt_token_ids=list(job.token_ids)), params)
+    return EngineRequest(engine_prompt(job.token_ids, job.images, placeholder_ids), params)
 
 
 def fork_result(job: ForkJob, output) -> ForkResult:
     ce = output.prompt_token_id_logprobs
     if ce is None:
         raise RuntimeError("the engine returned no target scores: is the atman vLLM plugin installed?")
+    if job.images and list(output.prompt_token_ids or ()) != list(job.token_ids):
+        # Bias positions and the target start index the expansion planned here: vLLM's must be the same.
+        raise RuntimeError("vLLM expanded the prompt's images into other tokens than planned "
+                           f"({len(output.prompt_token_ids or ())} vs {len(job.token_ids)} tokens)")
     ce = np.asarray(ce, dtype=np.float64)
     if ce.shape != (job.num_targets,) or not np.all(np.isfinite(ce)):
         # The worker leaves a position NaN when it was not computed; it never raises in a step.

@@ -97,3 +97,26 @@ async def cancel_mid_explain(llm, request):
             break
         await asyncio.sleep(0.05)
     return before, after, progress
+
+
+@pytest.fixture(scope="session")
+def tiny_vlm(tmp_path_factory):
+    """The tiny random Idefics3 (atman_vllm.models.vlm), built once per session."""
+    from atman_vllm.models.vlm import build_tiny_vlm
+
+    return build_tiny_vlm(tmp_path_factory.mktemp("tiny_vlm") / "vlm", seed=0)
+
+
+@pytest.fixture(scope="session")
+def vlm_engine(tiny_vlm):
+    """An in-process AtmanLLM on the tiny Idefics3 (up to 4 images per prompt, no image splitting)."""
+    from atman_vllm.api import AtmanLLM
+
+    return AtmanLLM(str(tiny_vlm), **{**ENGINE_ARGS, "max_model_len": 256})
+
+
+@pytest.fixture(scope="session")
+def vlm_reference(tiny_vlm):
+    from atman_vllm.reference.vlm import ReferenceVLMExplainer
+
+    return ReferenceVLMExplainer(tiny_vlm)
