@@ -207,12 +207,16 @@ def encode_with_target_ids(tokenizer: Tokenizer, prompt: str, target_ids: Sequen
     )
 
 
+def _expanded(prompt: str, images: Sequence[PromptImage], vision: VisionModel):
+    starts = check_image_count(check_text(prompt, "prompt"), images, vision.placeholder)
+    layouts = [vision.image_layout(im) for im in images]
+    return expand_placeholders(prompt, starts, vision.placeholder, layouts), layouts
+
+
 def encode_prompt_with_images(tokenizer: Tokenizer, prompt: str, images: Sequence[PromptImage], vision: VisionModel,
                               *, add_bos: bool = True) -> tuple[EncodedPrompt, tuple[EncodedImage, ...]]:
     """The prompt alone (to generate after it) with its images expanded, as ``encode_with_images``."""
-    starts = check_image_count(check_text(prompt, "prompt"), images, vision.placeholder)
-    layouts = [vision.image_layout(im) for im in images]
-    expanded = expand_placeholders(prompt, starts, vision.placeholder, layouts)
+    expanded, layouts = _expanded(prompt, images, vision)
     enc = encode_prompt(tokenizer, expanded.text, add_bos=add_bos)
     offsets, encoded = locate_images(expanded, enc.token_ids, enc.prompt_start, enc.prompt_offsets, images, layouts)
     return replace(enc, prompt_offsets=offsets), encoded
@@ -223,9 +227,7 @@ def encode_with_images(tokenizer: Tokenizer, prompt: str, target: str, images: S
                        target_ids: Sequence[int] | None = None) -> EncodedInput:
     """A prompt with images (one ``vision.placeholder`` per image, core/images.py): tokenized with each
     placeholder expanded as the model's processor expands it, offsets mapped back to the prompt."""
-    starts = check_image_count(check_text(prompt, "prompt"), images, vision.placeholder)
-    layouts = [vision.image_layout(im) for im in images]
-    expanded = expand_placeholders(prompt, starts, vision.placeholder, layouts)
+    expanded, layouts = _expanded(prompt, images, vision)
     if target_ids is not None:
         enc = encode_with_target_ids(tokenizer, expanded.text, target_ids, add_bos=add_bos)
     else:

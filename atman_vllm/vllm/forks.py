@@ -30,6 +30,16 @@ class EngineRequest:
     params: SamplingParams
 
 
+def check_multimodal_seams() -> None:
+    """What the image path uses of vLLM (docs/vllm_touchpoints.md, row 24), checked at start-up."""
+    from vllm.config.multimodal import MultiModalConfig
+
+    from .seams import expect_function, expect_keys
+
+    expect_keys("multimodal", TokensPrompt, ("prompt_token_ids", "multi_modal_data", "multi_modal_uuids"))
+    expect_function("multimodal", MultiModalConfig, "get_limit_per_prompt", ("modality",))
+
+
 def engine_prompt(token_ids, images: tuple[EncodedImage, ...] = (), placeholder_ids: tuple[int, ...] = ()) -> TokensPrompt:
     """The engine's prompt for a sequence whose images are expanded (core/images.py): each image's
     tokens go back to its placeholder's ids and its pixels ride along, so vLLM's processor expands

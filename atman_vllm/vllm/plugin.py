@@ -25,6 +25,9 @@ def register() -> None:
     from .seams import check_vllm_version
 
     check_vllm_version()
+    from .forks import check_multimodal_seams
+
+    check_multimodal_seams()
     disabled = {name.strip() for name in os.environ.get(DISABLE_ENV, "").split(",") if name.strip()}
     if disabled - set(SEAMS):
         raise ValueError(f"{DISABLE_ENV}: unknown seams {sorted(disabled - set(SEAMS))}; known: {', '.join(SEAMS)}")

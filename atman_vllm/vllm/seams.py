@@ -48,6 +48,16 @@ def expect_function(seam: str, owner: Any, name: str, params: tuple[str, ...]) -
     return getattr(owner, name)
 
 
+def expect_keys(seam: str, typed_dict: type, names: tuple[str, ...]) -> None:
+    """``typed_dict`` (a TypedDict, e.g. a prompt type) declares the keys ``names``."""
+    keys = set(getattr(typed_dict, "__annotations__", {}))
+    for base in getattr(typed_dict, "__mro__", ())[1:]:
+        keys |= set(getattr(base, "__annotations__", {}))
+    missing = [n for n in names if n not in keys]
+    if missing:
+        raise SeamMismatch(seam, f"{typed_dict.__qualname__} has no key {', '.join(missing)}")
+
+
 def expect_fields(seam: str, cls: type, names: tuple[str, ...]) -> None:
     """``cls`` is a dataclass with fields ``names``."""
     fields = {f.name for f in dataclasses.fields(cls)} if dataclasses.is_dataclass(cls) else set()

@@ -100,3 +100,35 @@ def test_every_installed_seam_matches_the_installed_vllm():
     expect_function("admission", InputProcessor, "process_inputs", ("request_id", "prompt", "params"))
     expect_function("block_hash", kv_cache_utils, "generate_block_hash_extra_keys", ("request", "start_token_idx"))
     assert GPUModelRunner._atman_hooks_installed
+
+
+def test_the_image_path_seams_and_pins():
+    """What the image path uses of vLLM (touchpoints row 24) is checked at start-up; Idefics3 engines
+    get image splitting off and an image limit, and splitting on is refused by name."""
+    from typing import TypedDict
+
+    from atman_vllm.vllm.forks import check_multimodal_seams
+    from atman_vllm.vllm.seams import expect_keys
+
+    check_multimodal_seams()
+
+    class OldPrompt(TypedDict):
+        prompt_token_ids: list
+
+    with pytest.raises(SeamMismatch, match="no key multi_modal_uuids"):
+        expect_keys("multimodal", OldPrompt, ("prompt_token_ids", "multi_modal_uuids"))
+
+
+def test_idefics3_engines_pin_one_grid_per_image(tmp_path):
+    import json
+
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "idefics3"}))
+    kwargs = supported_engine_kwargs(str(tmp_path), {}, platform="cpu", environ={})
+    assert kwargs["mm_processor_kwargs"] == {"do_image_splitting": False}
+    assert kwargs["limit_mm_per_prompt"] == {"image": 4}
+    with pytest.raises(UnsupportedEngineSetting) as e:
+        supported_engine_kwargs(str(tmp_path), {"mm_processor_kwargs": {"do_image_splitting": True}},
+                                platform="cpu", environ={})
+    assert e.value.setting == "mm_processor_kwargs.do_image_splitting"
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    assert "mm_processor_kwargs" not in supported_engine_kwargs(str(tmp_path), {}, platform="cpu", environ={})

@@ -115,3 +115,11 @@ def test_bad_image_requests_name_the_field(vlm_engine, engines):
         with pytest.raises(InvalidRequestError) as e:
             llm.explain(target=TARGET, **kw)
         assert e.value.field == "images", (kw, e.value)
+
+
+def test_generate_then_explain_an_image_prompt(vlm_engine):
+    """No target: the greedy completion after the image prompt (the engine's own ids) is explained."""
+    img = scene(8)
+    result = vlm_engine.explain("<image>" + QUESTION, None, images=[img], max_tokens=2, granularity="token")
+    assert result.target and len(result.target_tokens) >= 1
+    assert sum(s.image is not None for s in result.explanations[0].prompt_scores) == 16
