@@ -59,7 +59,8 @@ def read_images(paths: Sequence[str]) -> list:
 
 def build_parser() -> OneLineParser:
     p = OneLineParser(prog="atman-vllm explain", description="Explain why a model produces a target text (AtMan).")
-    p.add_argument("--model", required=True, help="model directory (config, weights, tokenizer) or a prepared model's name: smollm2-135m-instruct")
+    p.add_argument("--model", required=True, help="model directory (config, weights, tokenizer) or a model's name: "
+                   "smollm2-135m-instruct, tiny-shapes-vlm")
     p.add_argument("--prompt", required=True, help="the prompt; with --image, put the model's image placeholder "
                                                    "(<image> for Idefics3) where each image goes, or none: the "
                                                    "images then come first")

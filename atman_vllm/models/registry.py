@@ -95,6 +95,13 @@ PREPARED: dict[str, PreparedModel] = {
 }
 
 
+# Models shipped inside the package (weights small enough to commit), trained by the project's
+# own scripts: nothing to build, the name resolves to the package's directory.
+SHIPPED: dict[str, Path] = {
+    "tiny-shapes-vlm": Path(__file__).resolve().parent / "shapes_vlm",  # models/train_vlm.py, seed 0
+}
+
+
 def model_cache_dir() -> Path:
     """Where prepared checkpoints live: $ATMAN_MODEL_CACHE, else the XDG cache."""
     if os.environ.get(CACHE_ENV):
@@ -263,6 +270,10 @@ def resolve_model(model: str | os.PathLike) -> str:
     name as a prepared model wins: ``./smollm2-135m-instruct`` stays a path.
     """
     text = os.fspath(model)
-    if text in PREPARED and not os.path.isdir(text):
+    if os.path.isdir(text):
+        return text
+    if text in PREPARED:
         return str(prepare(text))
+    if text in SHIPPED:
+        return str(SHIPPED[text])
     return text

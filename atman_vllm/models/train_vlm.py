@@ -12,8 +12,9 @@ guessing among the other colours, which the report measures.
 
 Each step draws a fresh batch of scenes (no fixed training set, so no
 memorising) in one of the two prompt forms (plain
-``<image>Question: ... Answer:`` or the chat template's
-``User:<image>...<end_of_utterance>\\nAssistant:``); every prompt of a form
+``Question: ... <image> Answer:`` or the chat template's
+``User:...<image><end_of_utterance>\\nAssistant:``: the question comes
+before the image, so the image tokens can attend to it); every prompt of a form
 has the same length, so batches need no padding. The loss is the
 cross-entropy of the answer word and of the end-of-sequence token after it,
 with label smoothing 0.1 (as the demo model, so an explanation's
@@ -23,19 +24,17 @@ machine is shared, and it makes a run reproducible to the bit for a seed.
 
 Held-out scenes (seed ``HELD_OUT_SEED``) never come from the training stream.
 
-**Status (measured on the shared, heavily loaded 2-core machine, 2026-12-03):
-the recipe does not reach the 90 % target yet.** Runs without the tied
-auxiliary head stayed at "a colour of the scene" (held-out accuracy
-0.34–0.43 ≈ 1 / objects per scene; 0.0 with the asked object painted over,
-so it reads colours from the image, but not which shape is which): image
-first, no auxiliary loss, 2 decoder layers, 3,000 steps (0.34); an untied
-per-cell auxiliary head, 2 and 3 layers (0.37–0.43); question before the
-image (0.35–0.43). With the head tied to the words' embeddings, 2 layers at
-lr 2e-3 stayed at 0.34–0.40 (2,000 steps), but **3 layers at lr 1e-3 (these
-defaults) broke the plateau: 0.375 at step 500, 0.63 at 1,500, 0.68 at
-1,750, and at the end (2,500 steps, 32.4 min under load) 0.845 held out
-(0.855 chat form) and 0.005 with the asked object painted over. More steps
-are the next thing to try. Nothing is shipped until a run reaches ≥ 90 %.
+**Measured (this machine, 2026-12-03, 2 cores, partly shared with a test
+run): the defaults below with seed 0 train the shipped model in 12.9 minutes
+(5,000 steps): held-out accuracy 0.994 (500 scenes; 0.994 in the chat form),
+0.004 with the asked object painted over** — it reads the asked shape's
+colour from the image, nowhere else. The weights in ``models/shapes_vlm``
+are that run's output (``training_report.json`` beside them holds the
+curve). What it took: the tied auxiliary head and 3 decoder layers at lr
+1e-3; without the head, runs sat at "a colour of the scene" (0.34–0.43 ≈ 1 /
+objects per scene, 2–3 layers, image first or last); with it, 2,500 steps
+reached 0.845 and 5,000 steps 0.95 at step 4,000 and 1.0 (200 scenes) at
+4,500.
 """
 
 from __future__ import annotations
@@ -61,7 +60,7 @@ HELD_OUT_SEED = 20_001
 @dataclass(frozen=True)
 class TrainConfig:
     seed: int = 0
-    steps: int = 2500
+    steps: int = 5000
     batch_size: int = 32
     lr: float = 1e-3
     warmup: int = 100

@@ -27,8 +27,9 @@ def test_cli_explain_with_vllm_backend_prints_the_contract(tiny_models):
     assert result["stats"]["forward_passes"] == 7
 
 
-def test_cli_explains_an_image_and_draws_its_heatmap(tiny_vlm, tmp_path):
-    """`atman-vllm explain --image scene.png --heatmap out.png`: the issue's command, a multiprocess engine."""
+def test_cli_explains_an_image_and_draws_its_heatmap(tmp_path):
+    """The issue's command on the shipped model, by name: `atman-vllm explain --model tiny-shapes-vlm
+    --image scene.png --heatmap out.png` (a multiprocess engine)."""
     import numpy as np
     from PIL import Image
 
@@ -37,19 +38,19 @@ def test_cli_explains_an_image_and_draws_its_heatmap(tiny_vlm, tmp_path):
     scene = generate_scenes(1, seed=0)[0]
     scene.image().save(tmp_path / "scene.png")
     env = {k: v for k, v in os.environ.items() if k != "VLLM_ENABLE_V1_MULTIPROCESSING"}
-    cmd = [sys.executable, "-m", "atman_vllm.cli", "explain", "--model", str(tiny_vlm),
-           "--image", str(tmp_path / "scene.png"), "--prompt", "Question: What colour is the square? Answer:",
-           "--target", " green", "--granularity", "word", "--image-granularity", "token",
+    cmd = [sys.executable, "-m", "atman_vllm.cli", "explain", "--model", "tiny-shapes-vlm",
+           "--image", str(tmp_path / "scene.png"), "--prompt", scene.prompt(),
+           "--target", " " + scene.answer, "--granularity", "word", "--image-granularity", "token",
            "--heatmap", str(tmp_path / "out.png"), "--json", "--enforce-eager", "--max-model-len", "256",
            "--kv-cache-space-gib", "0.1"]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(proc.stdout)
     jsonschema.validate(result, EXPLAIN_RESULT_SCHEMA)
-    assert result["prompt"].startswith("<image>Question:")  # no placeholder given: the image comes first
+    assert result["prompt"] == scene.prompt()  # the image goes where the prompt's <image> is
     scores = result["explanations"][0]["prompt_scores"]
     tiles = [s for s in scores if "image" in s]
-    assert len(tiles) == 16 and [s["text"] for s in scores if "image" not in s][:2] == ["Question:", "What"]
+    assert len(tiles) == 16 and [s["text"] for s in scores if "image" not in s][:3] == ["Question:", "What", "colour"]
     heatmap = Image.open(tmp_path / "out.png")
     assert heatmap.format == "PNG" and heatmap.size == (256, 256)
     # The strongest tile is tinted with its colour on the explanation's scale (text units included),
