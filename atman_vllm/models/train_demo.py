@@ -50,8 +50,9 @@ import math
 import random
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Callable, Iterator
 
 import torch
 
@@ -206,6 +207,42 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
     return cfg.lr * 0.5 * (1 + math.cos(math.pi * progress))
 
 
+def adamw(params, cfg) -> torch.optim.AdamW:
+    """AdamW with weight decay on matrices only: the optimiser both tiny models train with."""
+    params = list(params)
+    return torch.optim.AdamW([{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
+                              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}],
+                             lr=cfg.lr, betas=(0.9, 0.98))
+
+
+@dataclass
+class TrainingClock:
+    """A training run's steps: the learning rate set for each (``lr_at``) and the wall-clock
+    safety stop (``cfg.max_minutes``), which the run's report states."""
+
+    cfg: object  # any config with steps, lr, warmup, decay_frac and max_minutes
+    opt: torch.optim.Optimizer
+    log: Callable[[str], None]
+    started: float = field(default_factory=time.time)
+    stopped_early: bool = False
+    steps_run: int = 0
+
+    @property
+    def elapsed(self) -> float:
+        return time.time() - self.started
+
+    def steps(self) -> Iterator[int]:
+        for step in range(self.cfg.steps):
+            if self.elapsed > self.cfg.max_minutes * 60:
+                self.stopped_early = True
+                self.log(f"step {step}: time budget of {self.cfg.max_minutes} minutes reached, stopping")
+                return
+            for g in self.opt.param_groups:
+                g["lr"] = lr_at(step, self.cfg)
+            yield step
+            self.steps_run = step + 1
+
+
 def train(cfg: TrainConfig, out_dir: Path | None, log=print) -> dict:
     torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
@@ -216,23 +253,12 @@ def train(cfg: TrainConfig, out_dir: Path | None, log=print) -> dict:
     model = build_model(cfg, tokenizer)
     n_params = sum(p.numel() for p in model.parameters())
     log(f"params {n_params} vocab {len(tokenizer)}")
-    decay = [p for p in model.parameters() if p.dim() >= 2]
-    no_decay = [p for p in model.parameters() if p.dim() < 2]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
-                             {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.98))
+    opt = adamw(model.parameters(), cfg)
     held_out = generate_examples(cfg.eval_n, seed=HELD_OUT_SEED)
     history = []
-    t0 = time.time()
-    stopped_early = False
-    step = 0
-    for step in range(cfg.steps):
-        if time.time() - t0 > cfg.max_minutes * 60:
-            stopped_early = True
-            log(f"step {step}: time budget of {cfg.max_minutes} minutes reached, stopping")
-            break
+    clock = TrainingClock(cfg, opt, log)
+    for step in clock.steps():
         model.train()
-        for g in opt.param_groups:
-            g["lr"] = lr_at(step, cfg)
         ids, weight = training_batch(rng, tokenizer, cfg, word_ids)
         logits = model(input_ids=ids).logits[:, :-1]
         ce = torch.nn.functional.cross_entropy(
@@ -245,12 +271,12 @@ def train(cfg: TrainConfig, out_dir: Path | None, log=print) -> dict:
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         if step % 100 == 0:
-            log(f"step {step} loss {loss.item():.4f} lr {lr_at(step, cfg):.2e} t {time.time() - t0:.0f}s")
+            log(f"step {step} loss {loss.item():.4f} lr {lr_at(step, cfg):.2e} t {clock.elapsed:.0f}s")
         if (step + 1) % cfg.eval_every == 0:
             em, by_qtype = exact_match_by_qtype(model, tokenizer, held_out[:200])
-            history.append({"step": step + 1, "seconds": round(time.time() - t0, 1), "held_out_em_200": em})
-            log(f"EVAL step {step + 1} held-out exact match {em:.3f} {by_qtype} t {time.time() - t0:.0f}s")
-    train_seconds = time.time() - t0
+            history.append({"step": step + 1, "seconds": round(clock.elapsed, 1), "held_out_em_200": em})
+            log(f"EVAL step {step + 1} held-out exact match {em:.3f} {by_qtype} t {clock.elapsed:.0f}s")
+    train_seconds = clock.elapsed
     em, em_q = exact_match_by_qtype(model, tokenizer, held_out)
     em_removed, _ = exact_match_by_qtype(model, tokenizer, [without_evidence(ex) for ex in held_out])
     report = {
@@ -258,8 +284,8 @@ def train(cfg: TrainConfig, out_dir: Path | None, log=print) -> dict:
         "config": asdict(cfg),
         "parameters": n_params,
         "train_seconds": round(train_seconds, 1),
-        "steps_run": step if stopped_early else cfg.steps,
-        "stopped_early": stopped_early,
+        "steps_run": clock.steps_run,
+        "stopped_early": clock.stopped_early,
         "torch_threads": cfg.threads,
         "torch_version": torch.__version__,
         "held_out_seed": HELD_OUT_SEED,

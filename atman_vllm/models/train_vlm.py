@@ -43,14 +43,13 @@ import argparse
 import json
 import random
 import sys
-import time
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from atman_vllm.models.train_demo import lr_at
+from atman_vllm.models.train_demo import TrainingClock, adamw, lr_at
 from atman_vllm.models.vlm import TinyVLMSpec, build_processor, new_model, save
 from atman_vllm.quality.scenes import COLOURS, SHAPES, Scene, generate_scene, generate_scenes, tile_mask
 
@@ -166,23 +165,12 @@ def train(cfg: TrainConfig, out_dir: Path | None, log=print) -> dict:
     image_tokens: list[torch.Tensor] = []
     model.model.connector.register_forward_hook(lambda _m, _i, out: image_tokens.append(out))
     params = list(model.parameters()) + [aux_bias]
-    decay = [p for p in params if p.dim() >= 2]
-    no_decay = [p for p in params if p.dim() < 2]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
-                             {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.98))
+    opt = adamw(params, cfg)
     held_out = generate_scenes(cfg.eval_n, seed=HELD_OUT_SEED)
     history = []
-    t0 = time.time()
-    stopped_early = False
-    step = 0
-    for step in range(cfg.steps):
-        if time.time() - t0 > cfg.max_minutes * 60:
-            stopped_early = True
-            log(f"step {step}: time budget of {cfg.max_minutes} minutes reached, stopping")
-            break
+    clock = TrainingClock(cfg, opt, log)
+    for step in clock.steps():
         model.train()
-        for g in opt.param_groups:
-            g["lr"] = lr_at(step, cfg)
         ids, pixels, answer_pos, labels = training_batch(rng, processor, cfg)
         image_tokens.clear()
         logits = model(input_ids=ids, pixel_values=pixels).logits
@@ -200,20 +188,20 @@ def train(cfg: TrainConfig, out_dir: Path | None, log=print) -> dict:
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         if step % 100 == 0:
-            log(f"step {step} loss {loss.item():.4f} answer {answer_loss.item():.4f} lr {lr_at(step, cfg):.2e} t {time.time() - t0:.0f}s")
+            log(f"step {step} loss {loss.item():.4f} answer {answer_loss.item():.4f} lr {lr_at(step, cfg):.2e} t {clock.elapsed:.0f}s")
         if (step + 1) % cfg.eval_every == 0:
             acc = accuracy(model, processor, held_out[:200])
-            history.append({"step": step + 1, "seconds": round(time.time() - t0, 1), "held_out_accuracy_200": acc})
-            log(f"EVAL step {step + 1} held-out accuracy {acc:.3f} t {time.time() - t0:.0f}s")
-    train_seconds = time.time() - t0
+            history.append({"step": step + 1, "seconds": round(clock.elapsed, 1), "held_out_accuracy_200": acc})
+            log(f"EVAL step {step + 1} held-out accuracy {acc:.3f} t {clock.elapsed:.0f}s")
+    train_seconds = clock.elapsed
     report = {
         "seed": cfg.seed,
         "config": asdict(cfg),
         "spec": asdict(spec),
         "parameters": n_params,
         "train_seconds": round(train_seconds, 1),
-        "steps_run": step if stopped_early else cfg.steps,
-        "stopped_early": stopped_early,
+        "steps_run": clock.steps_run,
+        "stopped_early": clock.stopped_early,
         "torch_threads": cfg.threads,
         "torch_version": torch.__version__,
         "held_out_seed": HELD_OUT_SEED,

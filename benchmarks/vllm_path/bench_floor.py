@@ -2,7 +2,7 @@
 """Exact AtMan against its floor: stock vLLM prefilling the same fork shapes.
 
     nice -n 10 .venv/bin/python benchmarks/vllm_path/bench_floor.py \\
-        --model smollm2-135m-instruct --lengths 128 256 --block-sizes 16 32
+        --model smollm2-135m-instruct --lengths 128 256 --block-sizes 32
 
 A fork perturbed at position p must recompute every position from p on, in
 every layer; prefix caching serves the rest. Its floor is therefore what
