@@ -130,22 +130,24 @@ def _match_units(result: ExplainResult, ex: PreparedExample, granularity: str) -
                          "its segmentation differs from core.segment_prompt") from None
 
 
-def run_atman(explainer, variant: AtmanVariant, granularity: str, prepared: Sequence[PreparedExample],
-              on_chunk: Callable[[int], None] | None = None) -> tuple[list[np.ndarray], Cost, dict]:
-    """Scores of one AtMan variant on every example, batched with ``explain_many``."""
-    options = variant.options(granularity)
+def timed_explanations(explain_chunk: Callable[[Sequence], list], items: Sequence,
+                       match: Callable[[object, object], np.ndarray],
+                       on_chunk: Callable[[int], None] | None = None) -> tuple[list[np.ndarray], Cost, dict]:
+    """Run AtMan on ``items``, ``ATMAN_CHUNK`` per ``explain_chunk`` call (one ``explain_many``:
+    the backend batches forks across them), and ``match(item, result)`` its units' scores.
+    Returns the scores, the cost (wall time of the explain calls, forward passes, peak extra
+    memory) and the computed / cached tokens."""
     scores: list[np.ndarray] = []
-    cost = Cost(examples=len(prepared))
+    cost = Cost(examples=len(items))
     tokens = {"computed_tokens": 0, "cached_tokens": 0}
     with PeakMemory() as mem:
-        for i in range(0, len(prepared), ATMAN_CHUNK):
-            chunk = prepared[i:i + ATMAN_CHUNK]
+        for i in range(0, len(items), ATMAN_CHUNK):
+            chunk = items[i:i + ATMAN_CHUNK]
             started = time.perf_counter()
-            results = explainer.explain_many([ExplainRequest(ex.example.prompt, ex.example.target, options)
-                                              for ex in chunk])
+            results = explain_chunk(chunk)
             cost.wall_s += time.perf_counter() - started
-            for ex, res in zip(chunk, results):
-                scores.append(_match_units(res, ex, granularity))
+            for item, res in zip(chunk, results, strict=True):
+                scores.append(match(item, res))
                 cost.forward_passes += res.stats.forward_passes
                 tokens["computed_tokens"] += res.stats.computed_tokens
                 tokens["cached_tokens"] += res.stats.cached_tokens
@@ -153,6 +155,16 @@ def run_atman(explainer, variant: AtmanVariant, granularity: str, prepared: Sequ
                 on_chunk(len(chunk))
     cost.peak_memory_bytes = mem.peak_bytes
     return scores, cost, tokens
+
+
+def run_atman(explainer, variant: AtmanVariant, granularity: str, prepared: Sequence[PreparedExample],
+              on_chunk: Callable[[int], None] | None = None) -> tuple[list[np.ndarray], Cost, dict]:
+    """Scores of one AtMan variant on every example, batched with ``explain_many``."""
+    options = variant.options(granularity)
+    return timed_explanations(
+        lambda chunk: explainer.explain_many([ExplainRequest(ex.example.prompt, ex.example.target, options)
+                                              for ex in chunk]),
+        prepared, lambda ex, res: _match_units(res, ex, granularity), on_chunk)
 
 
 # --------------------------------------------------------------------------- evaluation

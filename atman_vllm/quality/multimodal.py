@@ -257,29 +257,17 @@ def load_atman(model_dir: str | Path):
 
 
 def run_atman(explain_many: Callable[[Sequence[PreparedScene], object], list], variant, vlm: VLMModel,
-              prepared: Sequence[PreparedScene], chunk: int = 16) -> tuple[list[np.ndarray], Cost, dict]:
+              prepared: Sequence[PreparedScene]) -> tuple[list[np.ndarray], Cost, dict]:
     """Tile scores of one AtMan variant (``harness.AtmanVariant``) on every scene.
 
     ``explain_many(scenes, options)`` runs the project's explain API on the
     scenes' prompts with their images and returns one ``ExplainResult`` each.
     """
+    from .harness import timed_explanations
+
     options = variant.options("token")
-    scores: list[np.ndarray] = []
-    cost = Cost(examples=len(prepared))
-    tokens = {"computed_tokens": 0, "cached_tokens": 0}
-    with PeakMemory() as mem:
-        for i in range(0, len(prepared), chunk):
-            part = prepared[i:i + chunk]
-            started = time.perf_counter()
-            results = explain_many(part, options)
-            cost.wall_s += time.perf_counter() - started
-            for res in results:
-                scores.append(atman_tile_scores(res, vlm.grid))
-                cost.forward_passes += res.stats.forward_passes
-                tokens["computed_tokens"] += res.stats.computed_tokens
-                tokens["cached_tokens"] += res.stats.cached_tokens
-    cost.peak_memory_bytes = mem.peak_bytes
-    return scores, cost, tokens
+    return timed_explanations(lambda part: explain_many(part, options), prepared,
+                              lambda _scene, res: atman_tile_scores(res, vlm.grid))
 
 
 # --------------------------------------------------------------------------- evaluation
