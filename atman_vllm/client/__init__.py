@@ -81,23 +81,24 @@ class AtmanClient:
         self._stub = pb_grpc.AtmanStub(self._channel)
         self._health = health_pb2_grpc.HealthStub(self._channel)
 
-    def explain(self, prompt: str | None = None, target: str = "", *, messages=None,
+    def explain(self, prompt: str | None = None, target: str = "", *, messages=None, parts=None,
                 options: ExplainOptions | dict | None = None,
                 timeout: float | None = None, **option_kwargs) -> ExplainResult:
         """Explain ``target`` after ``prompt`` (or after the chat ``messages``: a list of {role, content},
-        the last from the user, ``target`` being the assistant's answer); options as keywords
-        (factor=, granularity=, ...) or options=."""
-        request = explain_request(prompt, target, options, option_kwargs, self._config.model, messages)
+        the last from the user, ``target`` being the assistant's answer; or after ``parts``: text and
+        images in order, an image as encoded bytes, a PIL image or a uint8 array); options as
+        keywords (factor=, granularity=, image_granularity=, ...) or options=."""
+        request = explain_request(prompt, target, options, option_kwargs, self._config.model, messages, parts)
         try:
             return result_from_proto(self._stub.Explain(request, **self._config.call_kwargs(timeout)))
         except grpc.RpcError as exc:
             raise AtmanError.from_rpc_error(exc) from None
 
-    def explain_stream(self, prompt: str | None = None, target: str = "", *, messages=None,
+    def explain_stream(self, prompt: str | None = None, target: str = "", *, messages=None, parts=None,
                        options: ExplainOptions | dict | None = None,
                        timeout: float | None = None, **option_kwargs) -> Iterator[ExplainProgress | ExplainResult]:
         """ExplainProgress events, then the ExplainResult. Closing the iterator cancels the call."""
-        request = explain_request(prompt, target, options, option_kwargs, self._config.model, messages)
+        request = explain_request(prompt, target, options, option_kwargs, self._config.model, messages, parts)
         return self._events(self._stub.ExplainStream(request, **self._config.call_kwargs(timeout)), explain_event)
 
     def generate(self, prompt: str, *, max_tokens: int = 64, temperature: float | None = None,
@@ -170,19 +171,19 @@ class AsyncAtmanClient:
         self._stub = pb_grpc.AtmanStub(self._channel)
         self._health = health_pb2_grpc.HealthStub(self._channel)
 
-    async def explain(self, prompt: str | None = None, target: str = "", *, messages=None,
+    async def explain(self, prompt: str | None = None, target: str = "", *, messages=None, parts=None,
                       options: ExplainOptions | dict | None = None,
                       timeout: float | None = None, **option_kwargs) -> ExplainResult:
-        request = explain_request(prompt, target, options, option_kwargs, self._config.model, messages)
+        request = explain_request(prompt, target, options, option_kwargs, self._config.model, messages, parts)
         try:
             return result_from_proto(await self._stub.Explain(request, **self._config.call_kwargs(timeout)))
         except grpc.RpcError as exc:
             raise AtmanError.from_rpc_error(exc) from None
 
-    def explain_stream(self, prompt: str | None = None, target: str = "", *, messages=None,
+    def explain_stream(self, prompt: str | None = None, target: str = "", *, messages=None, parts=None,
                        options: ExplainOptions | dict | None = None, timeout: float | None = None, **option_kwargs
                        ) -> AsyncIterator[ExplainProgress | ExplainResult]:
-        request = explain_request(prompt, target, options, option_kwargs, self._config.model, messages)
+        request = explain_request(prompt, target, options, option_kwargs, self._config.model, messages, parts)
         return self._events(self._stub.ExplainStream(request, **self._config.call_kwargs(timeout)), explain_event)
 
     def generate(self, prompt: str, *, max_tokens: int = 64, temperature: float | None = None,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -69,23 +70,56 @@ def _options(options: ExplainOptions | dict | None, extra: dict) -> pb.ExplainOp
     try:
         msg = options_to_proto(options if options is not None else extra)
     except InvalidRequestError as exc:
-        raise AtmanError(grpc.StatusCode.INVALID_ARGUMENT, f"{exc.field}: {exc.message}", exc.field) from None
+        raise _invalid(exc.field, exc.message) from None
     if msg.HasField("delimiter"):
         _text("delimiter", msg.delimiter)
     return msg
 
 
+def _invalid(field: str, message: str) -> AtmanError:
+    return AtmanError(grpc.StatusCode.INVALID_ARGUMENT, f"{field}: {message}", field)
+
+
+def _image_bytes(name: str, image) -> bytes:
+    """An image part as encoded bytes: bytes go as they are (the server decodes and checks them),
+    PIL images and uint8 arrays as PNG."""
+    if isinstance(image, (bytes, bytearray, memoryview)):
+        return bytes(image)
+    import numpy as np
+    from PIL import Image
+
+    try:
+        picture = image if isinstance(image, Image.Image) else Image.fromarray(np.asarray(image))
+        buf = io.BytesIO()
+        picture.save(buf, format="PNG")
+    except (TypeError, ValueError, OSError) as exc:
+        raise _invalid(name, f"must be text, encoded image bytes, a PIL image or a uint8 array ({exc})") from None
+    return buf.getvalue()
+
+
+def prompt_parts(parts: Sequence) -> list[pb.PromptPart]:
+    """A prompt given in order as text (str) and images (encoded bytes, PIL images, uint8 arrays)."""
+    if isinstance(parts, (str, bytes)) or not isinstance(parts, Sequence) or not parts:
+        raise _invalid("parts", "must be a non-empty list of text and image parts")
+    return [pb.PromptPart(text=_text(f"parts[{i}]", part)) if isinstance(part, str)
+            else pb.PromptPart(image=_image_bytes(f"parts[{i}]", part)) for i, part in enumerate(parts)]
+
+
 def explain_request(prompt: str | None, target: str, options: ExplainOptions | dict | None, extra: dict,
-                    model: str, messages=None) -> pb.ExplainRequest:
+                    model: str, messages=None, parts=None) -> pb.ExplainRequest:
     msg = pb.ExplainRequest(prompt=_text("prompt", prompt or ""), target=_text("target", target),
                             options=_options(options, extra), model=_text("model", model))
+    if parts is not None:
+        if prompt or messages is not None:
+            raise _invalid("parts", "give the prompt as parts, as text or as messages, not two of them")
+        msg.parts.extend(prompt_parts(parts))
     if messages is not None:
         try:
             if not messages:  # the wire cannot tell an empty list from none
                 raise InvalidRequestError("messages", "must be a non-empty list of {role, content} messages")
             chat = messages_to_proto(messages)
         except InvalidRequestError as exc:
-            raise AtmanError(grpc.StatusCode.INVALID_ARGUMENT, f"{exc.field}: {exc.message}", exc.field) from None
+            raise _invalid(exc.field, exc.message) from None
         for m in chat:
             _text("messages", m.content)
         msg.messages.extend(chat)

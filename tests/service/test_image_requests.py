@@ -140,3 +140,28 @@ def test_image_parts_on_a_text_model_are_refused(client, plain_server):
     reply = httpx.post(f"http://{plain_server.http}/v1/explain", timeout=60,
                        json={"prompt": "<image> Mira", "target": " pilot", "images": [b64(png(4))]})
     assert reply.status_code == 400 and reply.json()["error"]["param"] == "images"
+
+
+def test_the_grpc_client_takes_a_prompt_in_parts(vlm_server, stub):
+    """AtmanClient(parts=[...]): images as encoded bytes, PIL images or arrays, sent as the raw stub would."""
+    from atman_vllm.client import AtmanClient, AtmanError
+
+    image = png(2)
+    raw = result_from_proto(stub.Explain(pb.ExplainRequest(
+        target=TARGET, parts=[pb.PromptPart(image=image), pb.PromptPart(text=QUESTION)],
+        options=pb.ExplainOptions(granularity="word", image_granularity="token")), timeout=300)).to_dict()
+    pixels = np.asarray(Image.open(io.BytesIO(image)))
+    with AtmanClient(vlm_server.grpc, timeout=300) as client:
+        for as_given in (image, Image.open(io.BytesIO(image)), pixels):
+            got = client.explain(target=TARGET, parts=[as_given, QUESTION], granularity="word",
+                                 image_granularity="token").to_dict()
+            assert got["prompt"] == raw["prompt"] and got["images"] == raw["images"]  # same pixels: same digest
+            np.testing.assert_allclose([s["score"] for s in got["explanations"][0]["prompt_scores"]],
+                                       [s["score"] for s in raw["explanations"][0]["prompt_scores"]], atol=1e-4)
+        for parts, text in (([], "non-empty"), ([QUESTION, object()], "parts[1]")):
+            with pytest.raises(AtmanError) as err:
+                client.explain(target=TARGET, parts=parts)
+            assert err.value.code == grpc.StatusCode.INVALID_ARGUMENT and text in str(err.value)
+        with pytest.raises(AtmanError) as err:
+            client.explain(QUESTION, TARGET, parts=[image])
+        assert err.value.field == "parts"
