@@ -309,14 +309,19 @@ def save(model, tokenizer, out_dir: Path, report: dict) -> None:
     (out_dir / "training_report.json").write_text(json.dumps(report, indent=1) + "\n")
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def run_training_cli(description: str, config_type, train_fn, succeeded: Callable[[dict], bool],
+                     argv: list[str] | None) -> int:
+    """``python -m`` entry of a training script: every config field as an option, ``--out`` and
+    ``--log``; exit status 0 when the report reaches the script's target."""
+    from dataclasses import fields
+
+    p = argparse.ArgumentParser(description=description)
     p.add_argument("--out", type=Path, default=None, help="where to save (default: don't save)")
     p.add_argument("--log", type=Path, default=None, help="also append progress here")
-    for name, field in TrainConfig.__dataclass_fields__.items():
-        p.add_argument("--" + name.replace("_", "-"), type=type(field.default), default=field.default)
+    for f in fields(config_type):
+        p.add_argument("--" + f.name.replace("_", "-"), type=type(f.default), default=f.default)
     args = p.parse_args(argv)
-    cfg = TrainConfig(**{k: getattr(args, k) for k in TrainConfig.__dataclass_fields__})
+    cfg = config_type(**{f.name: getattr(args, f.name) for f in fields(config_type)})
     log_file = open(args.log, "a") if args.log else None
 
     def log(msg: str) -> None:
@@ -325,8 +330,12 @@ def main(argv: list[str] | None = None) -> int:
             log_file.write(msg + "\n")
             log_file.flush()
 
-    report = train(cfg, args.out, log)
-    return 0 if report["held_out_exact_match"] >= 0.95 else 1
+    return 0 if succeeded(train_fn(cfg, args.out, log)) else 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_training_cli(__doc__.split("\n")[0], TrainConfig, train,
+                            lambda report: report["held_out_exact_match"] >= 0.95, argv)
 
 
 if __name__ == "__main__":

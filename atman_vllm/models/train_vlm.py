@@ -39,17 +39,16 @@ reached 0.845 and 5,000 steps 0.95 at step 4,000 and 1.0 (200 scenes) at
 
 from __future__ import annotations
 
-import argparse
 import json
 import random
 import sys
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from atman_vllm.models.train_demo import TrainingClock, adamw, lr_at
+from atman_vllm.models.train_demo import TrainingClock, adamw, lr_at, run_training_cli
 from atman_vllm.models.vlm import TinyVLMSpec, build_processor, new_model, save
 from atman_vllm.quality.scenes import COLOURS, SHAPES, Scene, generate_scene, generate_scenes, tile_mask
 
@@ -219,23 +218,8 @@ def train(cfg: TrainConfig, out_dir: Path | None, log=print) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--out", type=Path, default=None, help="where to save (default: don't save)")
-    p.add_argument("--log", type=Path, default=None, help="also append progress here")
-    for f in fields(TrainConfig):
-        p.add_argument("--" + f.name.replace("_", "-"), type=type(f.default), default=f.default)
-    args = p.parse_args(argv)
-    cfg = TrainConfig(**{f.name: getattr(args, f.name) for f in fields(TrainConfig)})
-    log_file = open(args.log, "a") if args.log else None
-
-    def log(msg: str) -> None:
-        print(msg, flush=True)
-        if log_file:
-            log_file.write(msg + "\n")
-            log_file.flush()
-
-    report = train(cfg, args.out, log)
-    return 0 if report["held_out_accuracy"] >= 0.9 else 1
+    return run_training_cli(__doc__.split("\n")[0], TrainConfig, train,
+                            lambda report: report["held_out_accuracy"] >= 0.9, argv)
 
 
 if __name__ == "__main__":

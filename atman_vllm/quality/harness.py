@@ -25,7 +25,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from atman_vllm.core import ExplainOptions, ExplainRequest, ExplainResult, Granularity, HFTokenizer, Mode
+from atman_vllm.core import ExplainOptions, ExplainRequest, ExplainResult, Granularity, Mode
 
 from .baselines import BASELINES, Cost, HFModel, PeakMemory, PreparedExample, prepare, run_baseline
 from .metrics import ExampleScore, Summary, score_example, summarize

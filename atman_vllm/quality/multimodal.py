@@ -45,7 +45,7 @@ import numpy as np
 
 from .baselines import IG_BATCH, IG_STEPS, Cost, PassCounter, PeakMemory, attention_rollout
 from .metrics import ExampleScore, Summary, score_example, summarize
-from .scenes import BACKGROUND, Scene, generate_scenes
+from .scenes import Scene, generate_scenes
 
 SHIPPED_VLM_DIR = Path(__file__).resolve().parent.parent / "models" / "shapes_vlm"
 HELD_OUT_SEED = 30_001  # neither the training stream nor train_vlm's held-out set
