@@ -236,13 +236,14 @@ class _AtmanEngineMixin:
 
     @staticmethod
     def _steered_decode_request(plan):
-        """Two greedy tokens under the self-test's bias; the second comes from a decode step."""
+        """Two greedy tokens under the self-test's bias; the second comes from a decode step. EOS
+        does not end it: a model that answers in one word (the shapes VLM) would stop after one."""
         from vllm.inputs import TokensPrompt
 
         from .vllm.forks import controlled_params
 
         return (TokensPrompt(prompt_token_ids=list(plan.token_ids)),
-                controlled_params(plan.bias, **_sampling(2, 0.0, None, 1)))
+                controlled_params(plan.bias, **_sampling(2, 0.0, None, 1), ignore_eos=True))
 
     @staticmethod
     def _second_token(output) -> tuple[tuple[int, ...], float]:

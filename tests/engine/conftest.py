@@ -100,23 +100,24 @@ async def cancel_mid_explain(llm, request):
 
 
 @pytest.fixture(scope="session")
-def tiny_vlm(tmp_path_factory):
-    """The tiny random Idefics3 (atman_vllm.models.vlm), built once per session."""
-    from atman_vllm.models.vlm import build_tiny_vlm
+def shapes_vlm():
+    """The shipped, trained Idefics3 (``tiny-shapes-vlm``): its attention is as peaked as a model's
+    that looks, which random weights' is not."""
+    from atman_vllm.models import resolve_model
 
-    return build_tiny_vlm(tmp_path_factory.mktemp("tiny_vlm") / "vlm", seed=0)
+    return resolve_model("tiny-shapes-vlm")
 
 
 @pytest.fixture(scope="session")
-def vlm_engine(tiny_vlm):
-    """An in-process AtmanLLM on the tiny Idefics3 (up to 4 images per prompt, no image splitting)."""
+def vlm_engine(shapes_vlm):
+    """An in-process AtmanLLM on the shapes VLM (up to 4 images per prompt, no image splitting)."""
     from atman_vllm.api import AtmanLLM
 
-    return AtmanLLM(str(tiny_vlm), **{**ENGINE_ARGS, "max_model_len": 256})
+    return AtmanLLM(str(shapes_vlm), **{**ENGINE_ARGS, "max_model_len": 256})
 
 
 @pytest.fixture(scope="session")
-def vlm_reference(tiny_vlm):
+def vlm_reference(shapes_vlm):
     from atman_vllm.reference.vlm import ReferenceVLMExplainer
 
-    return ReferenceVLMExplainer(tiny_vlm)
+    return ReferenceVLMExplainer(shapes_vlm)

@@ -178,12 +178,11 @@ def client(plain_server):
 
 @pytest.fixture(scope="session")
 def vlm_server(tmp_path_factory):
-    """A server (gRPC + --openai HTTP) on the tiny Idefics3, for image requests; started on first use."""
-    from atman_vllm.models.vlm import build_tiny_vlm
+    """A server (gRPC + --openai HTTP) on the shipped shapes VLM, for image requests; started on first use."""
+    from atman_vllm.models import resolve_model
 
     folder = tmp_path_factory.mktemp("vlm_server")
-    model = build_tiny_vlm(folder / "vlm", seed=0)
-    server = _launch(model, folder / "vlm.log").wait_ready()
+    server = _launch(resolve_model("tiny-shapes-vlm"), folder / "vlm.log").wait_ready()
     yield server
     if server.process.poll() is None:
         server.stop()
