@@ -15,6 +15,7 @@ import json
 import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Callable
 
 from .corpus import tiny_corpus
 
@@ -81,15 +82,35 @@ def build_tiny_model(
         intermediate = 3 * hidden if gqa else 4 * hidden
     spec = TinyModelSpec(family, seed, vocab_size, hidden, layers, heads, kv_heads, head_dim, intermediate, max_position)
 
+    def build(out: Path) -> None:
+        _build_tokenizer(spec, out)
+        _build_model(spec, out)
+
+    return cached_build(out_dir, _BUILD_INFO, asdict(spec), build)
+
+
+def cached_build(out_dir, marker: str, spec: dict, build: Callable[[Path], None]) -> Path:
+    """``build(out_dir)`` unless the directory holds a complete build of the same ``spec``.
+
+    The ``marker`` file says what the directory holds: ``spec`` once the build is complete
+    (written last), a placeholder while it runs. A directory with files but no marker is
+    someone else's (a prepared or trained checkpoint given by mistake) and is never written to.
+    """
     out = Path(out_dir)
-    info_path = out / _BUILD_INFO
-    if info_path.exists() and json.loads(info_path.read_text()) == asdict(spec):
-        return out
+    info_path = out / marker
+    if info_path.exists():
+        try:
+            if json.loads(info_path.read_text()) == spec:
+                return out
+        except ValueError:
+            pass  # a damaged marker: rebuild
+    elif out.is_dir() and any(out.iterdir()):
+        raise FileExistsError(f"{out} holds files but no {marker}: it is not a build of this kind, "
+                              "so it is not overwritten (give an empty or new directory)")
     out.mkdir(parents=True, exist_ok=True)
-    info_path.unlink(missing_ok=True)
-    _build_tokenizer(spec, out)
-    _build_model(spec, out)
-    info_path.write_text(json.dumps(asdict(spec), indent=2) + "\n")
+    info_path.write_text('{"complete": false}\n')
+    build(out)
+    info_path.write_text(json.dumps(spec, indent=2) + "\n")
     return out
 
 

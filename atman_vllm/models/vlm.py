@@ -44,11 +44,10 @@ question before the image, ``quality.scenes.PLAIN_PROMPT``).
 from __future__ import annotations
 
 import argparse
-import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from .factory import init_random_weights, word_level_tokenizer
+from .factory import cached_build, init_random_weights, word_level_tokenizer
 
 # Bumped whenever the build changes what it writes, so cached dirs rebuild.
 _BUILD_FORMAT = 1
@@ -186,18 +185,11 @@ def build_tiny_vlm(out_dir, seed: int = 0, **sizes) -> Path:
     """
     spec = TinyVLMSpec(seed=seed, **sizes)
     spec.check()
-    out = Path(out_dir)
-    info_path = out / _BUILD_INFO
-    if info_path.exists() and json.loads(info_path.read_text()) == asdict(spec):
-        return out
-    out.mkdir(parents=True, exist_ok=True)
-    info_path.unlink(missing_ok=True)
-    processor = build_processor(spec)
-    model = new_model(spec, processor.tokenizer)
-    model.eval()
-    save(model, processor, out)
-    info_path.write_text(json.dumps(asdict(spec), indent=2) + "\n")
-    return out
+    def build(out: Path) -> None:
+        processor = build_processor(spec)
+        save(new_model(spec, processor.tokenizer).eval(), processor, out)
+
+    return cached_build(out_dir, _BUILD_INFO, asdict(spec), build)
 
 
 def save(model, processor, out: Path) -> None:

@@ -86,6 +86,24 @@ def test_build_is_deterministic_by_seed_and_cached(tmp_path):
     build_tiny_model("llama", a, seed=8, layers=1)
     assert json.loads((a / "atman_tiny_model.json").read_text())["seed"] == 8
     assert all((load_file(a / "model.safetensors")[k] == wc[k]).all() for k in wc)
+    # An interrupted build (its marker not final yet) is rebuilt, not taken for complete.
+    (a / "atman_tiny_model.json").write_text('{"complete": false}\n')
+    assert build_tiny_model("llama", a, seed=8, layers=1) == a
+    assert json.loads((a / "atman_tiny_model.json").read_text())["seed"] == 8
+
+
+def test_never_builds_over_another_model(tmp_path):
+    """A directory with files but no build marker (a prepared or trained checkpoint given by
+    mistake) is refused and left as it was."""
+    from atman_vllm.models import build_tiny_vlm
+
+    theirs = tmp_path / "checkpoint"
+    theirs.mkdir()
+    (theirs / "config.json").write_text('{"model_type": "llama"}')
+    for build in (lambda: build_tiny_model("llama", theirs, layers=1), lambda: build_tiny_vlm(theirs)):
+        with pytest.raises(FileExistsError, match="not overwritten"):
+            build()
+    assert [p.name for p in theirs.iterdir()] == ["config.json"]
 
 
 def test_rejects_bad_shapes(tmp_path):
