@@ -55,12 +55,16 @@ class Timed:
 
         from process_tree import tree_cpu_seconds
 
-        self._cpu = lambda: sum(v for k, v in tree_cpu_seconds(psutil.Process()).items() if "Worker" in k)
-        self.cpu0, self.t0 = self._cpu(), time.perf_counter()
+        self._tree = lambda: tree_cpu_seconds(psutil.Process())
+        self.tree0, self.t0 = self._tree(), time.perf_counter()
         return self
 
     def __exit__(self, *exc):
-        self.wall_s, self.worker_cpu_s = time.perf_counter() - self.t0, self._cpu() - self.cpu0
+        self.wall_s = time.perf_counter() - self.t0
+        tree = self._tree()
+        # Per process of the tree (front end, engine core, worker): where single-threaded time goes.
+        self.cpu_by_process = {k: round(v - self.tree0.get(k, 0.0), 2) for k, v in tree.items()}
+        self.worker_cpu_s = sum(v for k, v in self.cpu_by_process.items() if "Worker" in k)
 
 
 def parse_args(argv=None):
@@ -112,14 +116,16 @@ def run_atman(spec: dict) -> dict:
         jobs = [ForkJob(tuple(ids), target_start)] + [
             ForkJob(tuple(ids), target_start, KeyBias((p,), (0.1,), Mode.LOG_ADDITIVE)) for p in range(1, target_start)]
         llm.run_jobs(jobs[:8])  # warm-up (other requests' shapes)
-        runs, cpu = [], []
+        runs, cpu, by_process = [], [], []
         for _ in range(spec["repeats"]):
             llm.llm.reset_prefix_cache()
             with Timed() as t:
                 results = llm.run_jobs(jobs)
             runs.append(t.wall_s)
             cpu.append(t.worker_cpu_s)
-        out[length] = {"wall_s": runs, "worker_cpu_s": cpu, "computed_tokens": sum(r.computed_tokens for r in results),
+            by_process.append(t.cpu_by_process)
+        out[length] = {"wall_s": runs, "worker_cpu_s": cpu, "cpu_s_by_process": by_process,
+                       "computed_tokens": sum(r.computed_tokens for r in results),
                        "first_positions": [j.bias.first_position for j in jobs[1:]], "forks": len(jobs) - 1}
     return out
 
@@ -137,7 +143,7 @@ def run_stock(spec: dict) -> dict:
         # Fork i's request: the prompt with another token at its first perturbed position.
         forks = [ids[:p] + [(ids[p] + 1) % vocab] + ids[p + 1:] for p in firsts]
         llm.generate([TokensPrompt(prompt_token_ids=f) for f in forks[:8]], params, use_tqdm=False)
-        runs, cpu = [], []
+        runs, cpu, by_process = [], [], []
         for _ in range(spec["repeats"]):
             llm.reset_prefix_cache()
             with Timed() as t:
@@ -145,8 +151,9 @@ def run_stock(spec: dict) -> dict:
                 outs = llm.generate([TokensPrompt(prompt_token_ids=f) for f in forks], params, use_tqdm=False)
             runs.append(t.wall_s)
             cpu.append(t.worker_cpu_s)
+            by_process.append(t.cpu_by_process)
         computed = sum(len(o.prompt_token_ids) - (o.num_cached_tokens or 0) for o in base + outs)
-        out[length] = {"wall_s": runs, "worker_cpu_s": cpu, "computed_tokens": computed}
+        out[length] = {"wall_s": runs, "worker_cpu_s": cpu, "cpu_s_by_process": by_process, "computed_tokens": computed}
     return out
 
 
@@ -154,7 +161,12 @@ def worker_main(args) -> int:
     spec = json.loads(Path(args.worker_in).read_text())
     result = (run_atman if args.worker == "atman" else run_stock)(spec)
     Path(spec["out"]).write_text(json.dumps(result))
-    return 0
+    # The result is written: skip interpreter teardown, where a C++ thread of the engine's
+    # libraries was once destroyed still joinable ("terminate called without an active
+    # exception", SIGABRT) after vLLM had shut down cleanly, failing a finished run.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def run_side(side: str, spec: dict, run_dir: Path, bind: str) -> dict:
