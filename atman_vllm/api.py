@@ -48,7 +48,7 @@ from atman_vllm.core import (
     check_messages,
     encode_prompt,
     locate_contents,
-    plan_controls,
+    plan_prompt_controls,
     plan_explanation,
 )
 from atman_vllm.core.planning import CancelCheck
@@ -252,12 +252,15 @@ class _AtmanEngineMixin:
         ids = tuple(c.token_ids)
         return ids, c.logprobs[1][ids[1]].logprob
 
-    def _controlled_prompt(self, prompt: str, controls, control_mode, control_kappa, control_overlap):
-        from vllm.inputs import TokensPrompt
+    def _controlled_prompt(self, prompt: str, controls, control_mode, control_kappa, control_overlap, images=()):
+        """The engine's prompt (its ``images`` attached) and the bias of ``controls`` (text spans and
+        ``ImageControl``s on those images)."""
+        from .vllm.forks import engine_prompt
 
-        token_ids, bias = plan_controls(prompt, self.tokenizer, controls, control_mode, control_kappa,
-                                        control_overlap, self.embedding_rows)
-        return TokensPrompt(prompt_token_ids=list(token_ids)), bias
+        encoded, located, bias = plan_prompt_controls(prompt, self.tokenizer, controls, control_mode, control_kappa,
+                                                      control_overlap, self.embedding_rows,
+                                                      self.prompt_images(images), self.vision)
+        return engine_prompt(encoded.token_ids, located, self.placeholder_ids), bias
 
 
 class AtmanLLM(_AtmanEngineMixin, Explainer):
@@ -331,14 +334,16 @@ class AtmanLLM(_AtmanEngineMixin, Explainer):
     # -- generation ----------------------------------------------------------------
     def generate(self, prompts: str | Sequence[str], *, max_tokens: int = 64, temperature: float = 0.0,
                  seed: int | None = None, controls: Sequence[Control] = (), control_mode: Mode | str = Mode.LOG_ADDITIVE,
-                 control_kappa: float | None = None, control_overlap: str = "partial") -> list[Generation]:
-        """Generate completions, optionally steered by attention ``controls`` on the prompt."""
+                 control_kappa: float | None = None, control_overlap: str = "partial",
+                 images=()) -> list[Generation]:
+        """Generate completions, optionally steered by attention ``controls`` on the prompt (text spans,
+        and ``ImageControl``s on its ``images``: one per image placeholder, the same for every prompt)."""
         from .vllm.forks import controlled_params
 
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         engine_prompts, params = [], []
         for p in prompts:
-            ep, bias = self._controlled_prompt(p, controls, control_mode, control_kappa, control_overlap)
+            ep, bias = self._controlled_prompt(p, controls, control_mode, control_kappa, control_overlap, images)
             engine_prompts.append(ep)
             params.append(controlled_params(bias, **_sampling(max_tokens, temperature, seed)))
         outputs = self.llm.generate(engine_prompts, params, use_tqdm=False)
@@ -347,11 +352,11 @@ class AtmanLLM(_AtmanEngineMixin, Explainer):
 
     def next_token_logprobs(self, prompt: str, *, controls: Sequence[Control] = (), control_mode: Mode | str = Mode.LOG_ADDITIVE,
                             control_kappa: float | None = None, control_overlap: str = "partial",
-                            num_logprobs: int = 20) -> dict[int, float]:
+                            num_logprobs: int = 20, images=()) -> dict[int, float]:
         """Top next-token log-probabilities after ``prompt`` (raw model scores), under controls."""
         from .vllm.forks import controlled_params
 
-        ep, bias = self._controlled_prompt(prompt, controls, control_mode, control_kappa, control_overlap)
+        ep, bias = self._controlled_prompt(prompt, controls, control_mode, control_kappa, control_overlap, images)
         params = controlled_params(bias, **_sampling(1, 0.0, None, num_logprobs))
         out = self.llm.generate([ep], [params], use_tqdm=False)[0]
         return {tid: lp.logprob for tid, lp in out.outputs[0].logprobs[0].items()}
@@ -551,12 +556,12 @@ class AsyncAtmanLLM(_AtmanEngineMixin):
     async def generate(self, prompt: str, *, max_tokens: int = 64, temperature: float = 0.0, seed: int | None = None,
                        controls: Sequence[Control] = (), control_mode: Mode | str = Mode.LOG_ADDITIVE,
                        control_kappa: float | None = None, control_overlap: str = "partial",
-                       request_id: str | None = None) -> AsyncIterator[GenerationDelta]:
+                       request_id: str | None = None, images=()) -> AsyncIterator[GenerationDelta]:
         from vllm.sampling_params import RequestOutputKind
 
         from .vllm.forks import controlled_params
 
-        ep, bias = self._controlled_prompt(prompt, controls, control_mode, control_kappa, control_overlap)
+        ep, bias = self._controlled_prompt(prompt, controls, control_mode, control_kappa, control_overlap, images)
         params = controlled_params(bias, **_sampling(max_tokens, temperature, seed))
         params.output_kind = RequestOutputKind.DELTA
         text = ""

@@ -17,7 +17,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from atman_vllm.client.convert import messages_from_proto, options_from_proto, result_to_proto
-from atman_vllm.core.controls import Control
+from atman_vllm.core.controls import Control, ImageControl
 from atman_vllm.core.results import ExplainResult
 from atman_vllm.proto_gen import atman_pb2 as pb
 
@@ -61,23 +61,36 @@ def _info_to_proto(info: ServerStatus) -> pb.ServerInfoResponse:
     )
 
 
+def _control_from_proto(c: pb.Control) -> Control | ImageControl:
+    """A text span, or with ``image`` set an image control (a missing ``rect`` is refused by name)."""
+    if not c.HasField("image"):
+        return Control(c.start, c.length, c.factor)
+    rect = ({"left": c.rect.left, "top": c.rect.top, "width": c.rect.width, "height": c.rect.height}
+            if c.HasField("rect") else None)
+    return ImageControl(c.image, rect, c.factor)
+
+
 class AtmanServicer:
     def __init__(self, service: AtmanService):
         self.service = service
+
+    def _prompt_and_images(self, msg) -> tuple[str, tuple]:
+        """A request's ``prompt``, or its ``parts`` joined into the prompt text and its images."""
+        if not msg.parts:
+            return msg.prompt, ()
+        if msg.prompt:
+            raise invalid("parts", "give either prompt or parts, not both")
+        kinds = [p.WhichOneof("part") for p in msg.parts]
+        if None in kinds:
+            raise invalid("parts", f"parts[{kinds.index(None)}] has neither text nor image")
+        return self.service.prompt_from_parts([p.text if kind == "text" else p.image
+                                               for p, kind in zip(msg.parts, kinds)])
 
     def _explain_parser(self, raw: bytes):
         def parse():
             msg = parse_request(pb.ExplainRequest, raw)
             messages = messages_from_proto(msg.messages) or None  # an empty repeated field is no field
-            prompt, images = msg.prompt, ()
-            if msg.parts:
-                if msg.prompt:
-                    raise invalid("parts", "give either prompt or parts, not both")
-                kinds = [p.WhichOneof("part") for p in msg.parts]
-                if None in kinds:
-                    raise invalid("parts", f"parts[{kinds.index(None)}] has neither text nor image")
-                prompt, images = self.service.prompt_from_parts(
-                    [p.text if kind == "text" else p.image for p, kind in zip(msg.parts, kinds)])
+            prompt, images = self._prompt_and_images(msg)
             return self.service.explain_request(prompt, msg.target, options_from_proto(msg.options), msg.model,
                                                 messages, images=images)
 
@@ -106,12 +119,14 @@ class AtmanServicer:
         try:
             msg = parse_request(pb.GenerateRequest, raw)
             self.service.check_model(msg.model)
+            prompt, images = self._prompt_and_images(msg)
             params = GenerateParams(
-                prompt=msg.prompt,
+                prompt=prompt,
+                images=images,
                 max_tokens=msg.max_tokens or GenerateParams.max_tokens,
                 temperature=msg.temperature if msg.HasField("temperature") else 0.0,
                 seed=msg.seed if msg.HasField("seed") else None,
-                controls=tuple(Control(c.start, c.length, c.factor) for c in msg.controls),
+                controls=tuple(_control_from_proto(c) for c in msg.controls),
                 control_mode=msg.control_mode or GenerateParams.control_mode,
                 control_kappa=msg.control_kappa if msg.HasField("control_kappa") else None,
                 control_overlap=msg.control_overlap or GenerateParams.control_overlap,

@@ -49,6 +49,7 @@ class GenerateParams:
     control_kappa: float | None = None
     control_overlap: str = "partial"
     explain_options: ExplainOptions | None = None  # None: do not explain the completion
+    images: tuple = ()  # one per image placeholder of the prompt (encoded bytes, decoded by the library)
 
 
 @dataclass(frozen=True)
@@ -312,7 +313,8 @@ class AtmanService:
                             raise invalid("explain", "the completion is empty (the model stopped at once); "
                                                      "nothing to explain") from None
                         # The generated ids themselves are scored, never a re-tokenized copy of their text.
-                        request = ExplainRequest(p.prompt, "", p.explain_options, target_token_ids=answer)
+                        request = ExplainRequest(p.prompt, "", p.explain_options, target_token_ids=answer,
+                                                 images=self.llm.prompt_images(p.images))
                         record = _CallRecord(f"{request_id}-explain", transport, p.prompt, deadline=deadline)
                         with self._recorded(record):
                             return await self._run_explain(
@@ -336,7 +338,7 @@ class AtmanService:
             async for delta in self.llm.generate(
                 p.prompt, max_tokens=p.max_tokens, temperature=p.temperature, seed=p.seed,
                 controls=p.controls, control_mode=p.control_mode, control_kappa=p.control_kappa,
-                control_overlap=p.control_overlap, request_id=request_id,
+                control_overlap=p.control_overlap, request_id=request_id, images=p.images,
             ):
                 self.metrics.generated_tokens.inc(len(delta.token_ids))
                 completion += delta.token_ids

@@ -6,7 +6,7 @@ subclass ``Explainer`` and only run forward passes.
 """
 
 from .chat import ChatMessage, ChatPrompt, check_messages, locate_contents
-from .controls import Control, Overlap, plan_controls
+from .controls import Control, ImageControl, Overlap, plan_controls, plan_prompt_controls
 from .correlation import correlated_factors, cosine_similarity
 from .events import ExplainProgress, GenerationDelta
 from .explainer import Explainer, make_options
@@ -66,7 +66,7 @@ __all__ = [
     "ExplanationForTarget", "ForkJob", "ForkResult", "GenerationDelta", "Granularity", "HFTokenizer", "InvalidRequestError",
     "KeyBias", "Limit", "Mode", "Overlap", "PlanCancelled", "PlanLimits", "Postprocessing", "SpanScore", "TargetGranularity", "TargetToken", "TextSpan",
     "TokenSimilarity", "Tokenizer", "Unit", "check_factor", "check_kappa", "check_spans", "correlated_factors",
-    "cosine_similarity", "encode_input", "encode_prompt", "make_options", "normalize_scores", "plan_controls",
+    "cosine_similarity", "encode_input", "encode_prompt", "make_options", "normalize_scores", "plan_controls", "plan_prompt_controls", "ImageControl",
     "plan_explanation", "postprocess", "raw_deltas", "score_explanations", "segment_prompt", "target_units",
     "unit_bias",
 ]

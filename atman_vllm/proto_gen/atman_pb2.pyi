@@ -213,17 +213,21 @@ class ExplainEvent(_message.Message):
     def __init__(self, progress: _Optional[_Union[ExplainProgress, _Mapping]] = ..., result: _Optional[_Union[ExplainResult, _Mapping]] = ...) -> None: ...
 
 class Control(_message.Message):
-    __slots__ = ("start", "length", "factor")
+    __slots__ = ("start", "length", "factor", "image", "rect")
     START_FIELD_NUMBER: _ClassVar[int]
     LENGTH_FIELD_NUMBER: _ClassVar[int]
     FACTOR_FIELD_NUMBER: _ClassVar[int]
+    IMAGE_FIELD_NUMBER: _ClassVar[int]
+    RECT_FIELD_NUMBER: _ClassVar[int]
     start: int
     length: int
     factor: float
-    def __init__(self, start: _Optional[int] = ..., length: _Optional[int] = ..., factor: _Optional[float] = ...) -> None: ...
+    image: int
+    rect: Rect
+    def __init__(self, start: _Optional[int] = ..., length: _Optional[int] = ..., factor: _Optional[float] = ..., image: _Optional[int] = ..., rect: _Optional[_Union[Rect, _Mapping]] = ...) -> None: ...
 
 class GenerateRequest(_message.Message):
-    __slots__ = ("prompt", "max_tokens", "temperature", "seed", "controls", "control_mode", "control_kappa", "control_overlap", "explain", "explain_options", "model")
+    __slots__ = ("prompt", "max_tokens", "temperature", "seed", "controls", "control_mode", "control_kappa", "control_overlap", "explain", "explain_options", "model", "parts")
     PROMPT_FIELD_NUMBER: _ClassVar[int]
     MAX_TOKENS_FIELD_NUMBER: _ClassVar[int]
     TEMPERATURE_FIELD_NUMBER: _ClassVar[int]
@@ -235,6 +239,7 @@ class GenerateRequest(_message.Message):
     EXPLAIN_FIELD_NUMBER: _ClassVar[int]
     EXPLAIN_OPTIONS_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
+    PARTS_FIELD_NUMBER: _ClassVar[int]
     prompt: str
     max_tokens: int
     temperature: float
@@ -246,7 +251,8 @@ class GenerateRequest(_message.Message):
     explain: bool
     explain_options: ExplainOptions
     model: str
-    def __init__(self, prompt: _Optional[str] = ..., max_tokens: _Optional[int] = ..., temperature: _Optional[float] = ..., seed: _Optional[int] = ..., controls: _Optional[_Iterable[_Union[Control, _Mapping]]] = ..., control_mode: _Optional[str] = ..., control_kappa: _Optional[float] = ..., control_overlap: _Optional[str] = ..., explain: _Optional[bool] = ..., explain_options: _Optional[_Union[ExplainOptions, _Mapping]] = ..., model: _Optional[str] = ...) -> None: ...
+    parts: _containers.RepeatedCompositeFieldContainer[PromptPart]
+    def __init__(self, prompt: _Optional[str] = ..., max_tokens: _Optional[int] = ..., temperature: _Optional[float] = ..., seed: _Optional[int] = ..., controls: _Optional[_Iterable[_Union[Control, _Mapping]]] = ..., control_mode: _Optional[str] = ..., control_kappa: _Optional[float] = ..., control_overlap: _Optional[str] = ..., explain: _Optional[bool] = ..., explain_options: _Optional[_Union[ExplainOptions, _Mapping]] = ..., model: _Optional[str] = ..., parts: _Optional[_Iterable[_Union[PromptPart, _Mapping]]] = ...) -> None: ...
 
 class GenerationDelta(_message.Message):
     __slots__ = ("text", "token_ids", "finished", "finish_reason", "completion_text")

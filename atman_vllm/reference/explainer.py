@@ -109,9 +109,11 @@ class ReferenceExplainer(Explainer):
                     )
         return results  # type: ignore[return-value]
 
-    def biased_next_token_logprobs(self, token_ids: Sequence[int], bias: KeyBias | None) -> np.ndarray:
-        """[V] float64 log-probabilities of the next token after ``token_ids`` under ``bias``."""
-        logits = self._logits(token_ids, [bias])
+    def biased_next_token_logprobs(self, token_ids: Sequence[int], bias: KeyBias | None,
+                                   images: tuple[EncodedImage, ...] = ()) -> np.ndarray:
+        """[V] float64 log-probabilities of the next token after ``token_ids`` (its ``images`` located in
+        them) under ``bias``."""
+        logits = self._logits(token_ids, [bias], images)
         return torch.log_softmax(logits[0, -1].double(), dim=-1).numpy()
 
     def embedding_rows(self, token_ids: Sequence[int]) -> np.ndarray:

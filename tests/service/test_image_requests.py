@@ -165,3 +165,32 @@ def test_the_grpc_client_takes_a_prompt_in_parts(vlm_server, stub):
         with pytest.raises(AtmanError) as err:
             client.explain(QUESTION, TARGET, parts=[image])
         assert err.value.field == "parts"
+
+
+def _generate(stub, controls, max_tokens=8, explain=False):
+    request = pb.GenerateRequest(parts=[pb.PromptPart(image=png(60)), pb.PromptPart(text=QUESTION)],
+                                 max_tokens=max_tokens, controls=controls, explain=explain)
+    return list(stub.Generate(request, timeout=300))
+
+
+def test_grpc_generate_steers_an_image_rect(stub):
+    plain = [i for e in _generate(stub, []) if e.HasField("delta") for i in e.delta.token_ids]
+    whole = pb.Rect(left=0, top=0, width=1, height=1)
+    steered = [i for e in _generate(stub, [pb.Control(image=0, rect=whole, factor=0.01)])
+               if e.HasField("delta") for i in e.delta.token_ids]
+    neutral = [i for e in _generate(stub, [pb.Control(image=0, rect=whole, factor=1.0)])
+               if e.HasField("delta") for i in e.delta.token_ids]
+    assert plain and steered and neutral == plain  # the shapes VLM answers one word, then EOS
+    assert steered != plain, "suppressing the whole image changed nothing"
+
+
+@pytest.mark.parametrize("control,words", [
+    (pb.Control(image=1, rect=pb.Rect(left=0, top=0, width=1, height=1), factor=0.1), "controls[0].image"),
+    (pb.Control(image=0, rect=pb.Rect(left=0.5, top=0, width=0.8, height=1), factor=0.1), "controls[0].rect"),
+    (pb.Control(image=0, factor=0.1), "controls[0].rect"),
+])
+def test_bad_grpc_image_controls_name_the_field(stub, control, words):
+    with pytest.raises(grpc.RpcError) as e:
+        _generate(stub, [control])
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT, e.value.details()
+    assert dict(e.value.trailing_metadata())["atman-error-field"] == "controls" and words in e.value.details()
