@@ -158,16 +158,15 @@ class _AtmanEngineMixin:
     def explain_request(self, prompt: str | None = None, target: str = "", options: ExplainOptions | None = None,
                         *, messages=None, images=()) -> ExplainRequest:
         """The request for a prompt or a chat (``messages``, rendered here); every API builds it here.
-        ``images``: the prompt's images, one per image placeholder of the prompt, in order."""
+        ``images``: the prompt's images, one per image placeholder of the prompt (or of the messages'
+        contents, in message order), in order."""
         options = options or ExplainOptions()
         if messages is None:
             return ExplainRequest(prompt, target, options, images=self.prompt_images(images))
-        if images:
-            raise InvalidRequestError("images", "are taken with a prompt, not with messages")
         if prompt:
             raise InvalidRequestError("messages", "give either a prompt or messages, not both")
         rendered, chat = self.render_chat(messages)
-        return ExplainRequest(rendered, target, options, chat=chat)
+        return ExplainRequest(rendered, target, options, chat=chat, images=self.prompt_images(images))
 
     def prompt_ids(self, request: ExplainRequest) -> tuple[int, ...]:
         """The token ids the engine runs for the request's prompt (a chat's rendering has no added BOS);
@@ -181,7 +180,8 @@ class _AtmanEngineMixin:
 
         if self.vision is None:
             raise InvalidRequestError("images", f"this model ({self.model_name}) takes no images")
-        return encode_prompt_with_images(self.tokenizer, request.prompt, request.images, self.vision)
+        return encode_prompt_with_images(self.tokenizer, request.prompt, request.images, self.vision,
+                                         add_bos=request.chat is None)
 
     def engine_prompt(self, request: ExplainRequest):
         """The engine's prompt to generate after the request's prompt (its images attached)."""

@@ -6,7 +6,7 @@ vLLM builds the app (completions, chat completions, models, tokenize,
 own parser so every default is vLLM's, and hand it the engine the gRPC side
 uses. Its bearer-token middleware guards every ``/v1`` path, ours included.
 ``http_guard.RequestGuard`` sits in front of every route (body size, the
-reserved ``vllm_xargs.atman``, the controls of ``http_controls``);
+reserved ``vllm_xargs.atman``, inline images only, the controls of ``http_controls``);
 ``http_server`` runs it all on uvicorn inside our event loop.
 """
 
@@ -24,7 +24,7 @@ from .http_bodies import ExplainBody, decode_images, explain_request_schema, par
 from .http_controls import CHAT_COMPLETIONS_PATH, COMPLETIONS_PATH, ControlPlanner
 from .http_guard import RequestGuard, error_response
 from .http_ui import add_ui_routes
-from .errors import service_error_from
+from .errors import invalid, service_error_from
 from atman_vllm.core.events import ExplainProgress
 
 from .service import AtmanService
@@ -41,6 +41,8 @@ def add_explain_route(app: FastAPI, service: AtmanService) -> None:
             b = parse_explain_body(body)
             images = decode_images(b.images, service.limits.max_images)
             request = service.explain_request(b.prompt, b.target, b.options, b.model, b.messages, images=images)
+            if b.heatmap and not request.images:
+                raise invalid("heatmap", "draws the relevance of image tiles; give images")
             if parsed is not None:
                 parsed.append((b, request))
             return request
@@ -139,12 +141,12 @@ async def build_openai_app(llm, service: AtmanService, *, auth_token: str | None
     await init_app_state(llm.engine, app.state, args, supported_tasks)
     add_explain_route(app, service)
     add_ui_routes(app)  # GET /ui: the explanation page, calling the routes above
-    planner = ControlPlanner(llm, app.state.online_renderer, service.plan_limits)
+    planner = ControlPlanner(llm, app.state.online_renderer, service)
     chat = ChatExplain(llm, service, planner)  # the explain field, then the controls
     # Appended, not add_middleware: innermost, after vLLM's authentication. vLLM's
     # SageMaker bootstrap has already built the middleware stack: build it again.
     app.user_middleware.append(Middleware(
-        RequestGuard, max_body_bytes=service.limits.max_message_bytes,
+        RequestGuard, max_body_bytes=service.limits.max_message_bytes, max_images=service.limits.max_images,
         rewriters={COMPLETIONS_PATH: planner.rewrite, CHAT_COMPLETIONS_PATH: chat.rewrite}))
     app.middleware_stack = app.build_middleware_stack()
     return app

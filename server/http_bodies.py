@@ -17,7 +17,7 @@ import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, ValidationError
 
@@ -74,13 +74,41 @@ class ExplainOptionsBody(BaseModel):
                               search=self.search, budget=self.budget, image_granularity=self.image_granularity)
 
 
+class TextPartBody(BaseModel):
+    """A text part of a message's content (as OpenAI's chat completions take it)."""
+
+    model_config = ConfigDict(**_STRICT, title="TextPart")
+
+    type: Literal["text"]
+    text: StrictStr
+
+
+class ImageUrlBody(BaseModel):
+    model_config = ConfigDict(**_STRICT, title="ImageUrl")
+
+    url: StrictStr = Field(description="a base64 data URL (data:image/png;base64,...); other URLs are refused")
+
+
+class ImagePartBody(BaseModel):
+    """An image part of a message's content (as OpenAI's chat completions take it), inline only."""
+
+    model_config = ConfigDict(**_STRICT, title="ImagePart")
+
+    type: Literal["image_url"]
+    image_url: ImageUrlBody
+
+
+ContentPartBody = Annotated[TextPartBody | ImagePartBody, Field(discriminator="type")]
+
+
 class ChatMessageBody(BaseModel):
-    """One chat message; its role is checked by the core (system, user or assistant)."""
+    """One chat message; its role is checked by the core (system, user or assistant). Its content is a
+    string, or text and image parts in order (an image's tiles become units beside the text's)."""
 
     model_config = ConfigDict(**_STRICT, title="ChatMessage")
 
     role: StrictStr
-    content: StrictStr
+    content: StrictStr | list[ContentPartBody]
 
 
 class ExplainBody(BaseModel):
@@ -99,7 +127,8 @@ class ExplainBody(BaseModel):
     options: ExplainOptionsBody = Field(default_factory=ExplainOptionsBody)
     images: list[StrictStr] | None = Field(
         None, description="the prompt's images, in the order of the model's image placeholders in prompt "
-                          "(<image> for Idefics3): base64 or data URLs (data:image/png;base64,...)")
+                          "(<image> for Idefics3; or in the messages' string contents): base64 or data URLs "
+                          "(data:image/png;base64,...). A chat may give its images as image_url parts instead")
     heatmap: StrictBool = Field(False, description="also return the image tiles' relevance drawn over the "
                                                    "images, as a PNG data URL (field heatmap of the reply)")
 
@@ -159,8 +188,25 @@ def _field_of(location: tuple) -> str:
     return names[0]
 
 
+def _without_union_branches(location: tuple) -> list:
+    """A pydantic location without the names it gives a union's branches (``str``, ``list[...]``)
+    and a tagged union's tag (repeated by the field after it)."""
+    out: list = []
+    for part in location:
+        if isinstance(part, str) and ("[" in part or part == "str"):
+            continue
+        if out and part == out[-1] and isinstance(part, str):
+            continue
+        out.append(part)
+    return out
+
+
 def _error_from(exc: ValidationError) -> ServiceError:
-    first = exc.errors(include_url=False)[0]
+    errors = exc.errors(include_url=False)
+    # A union (a message's content: a string or a list of parts) fails once per branch; the deepest
+    # error of the first failing field is the one that says what is wrong.
+    field_errors = [e for e in errors if _field_of(tuple(e["loc"])) == _field_of(tuple(errors[0]["loc"]))]
+    first = max(field_errors, key=lambda e: len(e["loc"]))
     location = tuple(first["loc"])
     field = _field_of(location)
     message = first["msg"]
@@ -172,7 +218,7 @@ def _error_from(exc: ValidationError) -> ServiceError:
     elif first["type"] not in ("model_type", "dict_type"):
         message = f"{message}, got {first['input']!r}"[:300]
     if location[-1] != field:  # inside the field: say where (spans.2.0)
-        message = f"{message} (at {'.'.join(str(p) for p in location)})"
+        message = f"{message} (at {'.'.join(str(p) for p in _without_union_branches(location))})"
     return invalid(field, message)
 
 
@@ -199,8 +245,6 @@ def parse_explain_body(body: bytes) -> ParsedExplainBody:
     if parsed.prompt is None and parsed.messages is None:
         raise invalid("prompt", "is required (or give messages)")
     messages = None if parsed.messages is None else [m.model_dump() for m in parsed.messages]
-    if parsed.heatmap and not parsed.images:
-        raise invalid("heatmap", "draws the relevance of image tiles; give images")
     return ParsedExplainBody(parsed.model, parsed.prompt, parsed.target, parsed.options.to_options(), messages,
                              parsed.images, parsed.heatmap)
 

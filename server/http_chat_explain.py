@@ -10,7 +10,8 @@ unperturbed pass and the forks reuse the generation's blocks from the prefix
 cache. Everything that can be refused is refused before anything generates:
 the messages (as ``/v1/explain`` checks them), streaming, n > 1, and a
 rendering that differs from the model's chat template's (tools, template
-kwargs: unit spans could not be placed).
+kwargs: unit spans could not be placed). A chat's ``image_url`` parts (data
+URLs) are its images: their tiles are units beside the messages' words.
 """
 
 from __future__ import annotations
@@ -81,7 +82,9 @@ class ChatExplain:
         rendered = await self.planner.render_chat(data)
         if rendered is None:
             return  # vLLM refuses the body itself and says why
-        if rendered.text != request.prompt or rendered.token_ids != self.llm.prompt_ids(request):
+        # With images vLLM gives only the token ids, image tokens expanded: those must agree.
+        text_differs = rendered.text is not None and rendered.text != request.prompt
+        if text_differs or rendered.token_ids != self.llm.prompt_ids(request):
             raise invalid(EXPLAIN_FIELD, "vLLM renders this request's chat prompt differently from the model's chat "
                                          "template on the messages alone (tools, chat_template_kwargs, ...), so "
                                          "the explanation's spans could not be placed")

@@ -18,13 +18,13 @@ from atman_vllm.core.chat import split_at_markers
 from atman_vllm.core.controls import Control, check_controls, controls_bias, plan_controls
 from atman_vllm.core.options import InvalidRequestError
 from atman_vllm.core.jobs import KeyBias
-from atman_vllm.core.planning import PlanLimits
-from atman_vllm.core.tokens import EncodedPrompt
+from atman_vllm.core.tokens import EncodedPrompt, encode_prompt_with_images
 from atman_vllm.vllm.wire import EXTRA_ARGS_KEY, AtmanRequestInfo
 
 from .errors import invalid
 from .http_guard import COMPLETIONS_PATH, ReplyInstead
-from .service import CONTROL_FIELD_NAMES, check_text
+from .chat_media import image_parts
+from .service import CONTROL_FIELD_NAMES, AtmanService, check_text
 
 CONTROL_FIELDS = ("controls", "control_mode", "control_kappa", "control_overlap")
 CHAT_COMPLETIONS_PATH = "/v1/chat/completions"
@@ -58,8 +58,10 @@ class ControlRequest:
         return cls(controls, fields["control_mode"] or "log-additive", fields["control_kappa"],
                    fields["control_overlap"] or "partial")
 
-    def reject_unknown_keys(self, allowed: tuple[str, ...]) -> None:
-        for i, c in enumerate(self.controls):
+    def reject_unknown_keys(self, allowed: tuple[str, ...], indices: range | list[int] | None = None) -> None:
+        """400 for a span control with a key outside ``allowed`` (``indices``: only those controls)."""
+        for i in range(len(self.controls)) if indices is None else indices:
+            c = self.controls[i]
             unknown = sorted(set(c) - set(allowed)) if isinstance(c, dict) else []
             if unknown:
                 raise invalid("controls", f"controls[{i}] has the unknown field {unknown[0]!r}; expected "
@@ -70,9 +72,13 @@ class ControlRequest:
 class RenderedChat:
     """A chat request's prompt as vLLM renders and tokenizes it for the engine."""
 
-    text: str
+    text: str | None  # None for a prompt with images: vLLM gives only its (expanded) token ids
     token_ids: tuple[int, ...]
-    offsets: tuple[tuple[int, int], ...]  # char offsets of each token into text; (0, 0) for added specials
+    offsets: tuple[tuple[int, int], ...] | None  # char offsets of each token into text; (0, 0) for added specials
+
+
+def _is_image_control(control) -> bool:
+    return isinstance(control, dict) and "image" in control
 
 
 class ControlPlanner:
@@ -86,10 +92,10 @@ class ControlPlanner:
     own renderer, exactly as its chat handler will do it again.
     """
 
-    def __init__(self, llm, online_renderer, limits: PlanLimits):
+    def __init__(self, llm, online_renderer, service: AtmanService):
         self.llm = llm
         self.renderer = online_renderer
-        self.limits = limits  # prompt characters, checked before tokenizing
+        self.service = service  # its limits (prompt characters, checked before tokenizing), a chat's images
 
     async def rewrite(self, path: str, data) -> dict | None:
         """The body vLLM should see instead of the parsed JSON ``data`` (None: pass it on unchanged)."""
@@ -135,7 +141,7 @@ class ControlPlanner:
         if data.get("add_special_tokens") is False:
             raise invalid("controls", "cannot be combined with add_special_tokens=false")
         check_text("prompt", prompt)
-        self.limits.check_text("prompt", prompt)
+        self.service.plan_limits.check_text("prompt", prompt)
         token_ids, bias = plan_controls(prompt, self.llm.tokenizer, request.controls, request.mode,
                                         request.kappa, request.overlap, self.llm.embedding_rows)
         # The engine runs exactly the ids the bias was planned on (vLLM would tokenize
@@ -146,14 +152,50 @@ class ControlPlanner:
     # --- /v1/chat/completions -------------------------------------------------------
 
     async def _steer_chat(self, data: dict, request: ControlRequest) -> KeyBias | None:
-        request.reject_unknown_keys(CHAT_CONTROL_KEYS)
+        text_controls = [(i, c) for i, c in enumerate(request.controls) if not _is_image_control(c)]
+        image_controls = [(i, c) for i, c in enumerate(request.controls) if _is_image_control(c)]
+        request.reject_unknown_keys(CHAT_CONTROL_KEYS, [i for i, _ in text_controls])
         if not request.controls:
             return None
         messages = data.get("messages")
         if not isinstance(messages, list) or not messages:
             raise invalid("controls", "steer chat messages, but the request has none")
+        contents, checked = self._text_controls(messages, text_controls)
+        num_images = len(image_parts(data))
+        images = check_controls([c for _, c in image_controls], 0, image_count=num_images,
+                                indices=[i for i, _ in image_controls])
+        rendered = await self.render_chat(data)
+        if rendered is None:
+            return None  # vLLM refuses the body; it says why
+        if num_images:
+            if request.kappa is not None:
+                # As plan_prompt_controls: every cell carries the placeholder's id (docs/design.md).
+                raise InvalidRequestError("kappa", "correlated steering (kappa) is not supported for prompts "
+                                                   "with images")
+            text, starts, encoded, located = self._encode_with_images(messages, rendered)
+        else:
+            if rendered.text is None or rendered.offsets is None:
+                raise invalid("controls", "this model's chat prompts have no text offsets (not rendered as text, "
+                                          "or not a fast tokenizer), so character spans cannot be placed")
+            text, located = rendered.text, ()
+            starts = await self._content_starts(data, contents, text) if contents else {}
+            encoded = EncodedPrompt(rendered.token_ids, 0, rendered.offsets)
+        # Spans move from message content into the rendered prompt; spans of different
+        # messages cannot overlap there, and those of one message were checked above.
+        shifted = sorted((Control(c.start + starts[m], c.length, c.factor) for m in checked for c in checked[m]),
+                         key=lambda c: c.start)
+        special_ids = set(self.llm.tokenizer.tok.all_special_ids)
+        # Leading special tokens (the BOS, from the template or add_special_tokens) are
+        # never steered, as in plan_controls.
+        first = next((i for i, t in enumerate(encoded.token_ids) if t not in special_ids), len(encoded.token_ids))
+        encoded = EncodedPrompt(encoded.token_ids, first, encoded.prompt_offsets[first - encoded.prompt_start:])
+        return controls_bias(encoded, text, [*shifted, *images], request.mode, request.kappa, request.overlap,
+                             self.llm.embedding_rows, located)
+
+    def _text_controls(self, messages: list, text_controls: list) -> tuple[dict[int, str], dict[int, tuple]]:
+        """The steered messages' contents and their checked span controls, by message index."""
         groups: dict[int, list[tuple[int, object]]] = {}
-        for i, c in enumerate(request.controls):
+        for i, c in text_controls:
             m = len(messages) - 1
             if isinstance(c, dict):
                 c = dict(c)
@@ -168,27 +210,34 @@ class ControlPlanner:
             content = messages[m].get("content") if isinstance(messages[m], dict) else None
             if not isinstance(content, str):
                 raise invalid("controls", f"controls[{group[0][0]}] steers messages[{m}], whose content is not "
-                                          "a string; only string content can be steered")
+                                          "a string; span controls steer string contents (an image of the chat is "
+                                          "steered by {image, rect, factor})")
             check_text(f"messages[{m}].content", content, allow_empty=True)
-            self.limits.check_text(f"messages[{m}].content", content)
+            self.service.plan_limits.check_text(f"messages[{m}].content", content)
             contents[m] = content
             checked[m] = check_controls([c for _, c in group], len(content), text_name=f"messages[{m}].content",
                                         indices=[i for i, _ in group])
-        rendered = await self.render_chat(data)
-        if rendered is None:
-            return None  # vLLM refuses the body; it says why
-        starts = await self._content_starts(data, contents, rendered.text)
-        # Spans move from message content into the rendered prompt; spans of different
-        # messages cannot overlap there, and those of one message were checked above.
-        shifted = sorted((Control(c.start + starts[m], c.length, c.factor) for m in checked for c in checked[m]),
-                         key=lambda c: c.start)
-        special_ids = set(self.llm.tokenizer.tok.all_special_ids)
-        # Leading special tokens (the BOS, from the template or add_special_tokens) are
-        # never steered, as in plan_controls.
-        first = next((i for i, t in enumerate(rendered.token_ids) if t not in special_ids), len(rendered.token_ids))
-        encoded = EncodedPrompt(rendered.token_ids, first, rendered.offsets[first:])
-        return controls_bias(encoded, rendered.text, shifted, request.mode, request.kappa, request.overlap,
-                             self.llm.embedding_rows)
+        return contents, checked
+
+    def _encode_with_images(self, messages: list, rendered: "RenderedChat"):
+        """A chat with images as this server encodes it: rendered with the model's template (each image
+        as its placeholder), tokenized with the images expanded; it must be exactly the token ids vLLM
+        runs (vLLM gives no text nor offsets for a prompt with images)."""
+        if self.llm.vision is None:
+            raise invalid("controls", f"this model ({self.llm.model_name}) takes no images")
+        chat_messages, image_bytes = self.service.messages_from_parts(messages)
+        try:
+            text, chat = self.llm.render_chat(chat_messages)
+        except InvalidRequestError as exc:
+            raise invalid("controls", f"a chat with images is steered as the model's chat template renders its "
+                                      f"messages, which fails: {exc.message}") from None
+        encoded, located = encode_prompt_with_images(self.llm.tokenizer, text, self.llm.prompt_images(image_bytes),
+                                                     self.llm.vision, add_bos=False)
+        if encoded.token_ids != rendered.token_ids:
+            raise invalid("controls", "vLLM renders this chat differently from the model's chat template on its "
+                                      "messages alone (tools, chat_template_kwargs, ...), so the controls cannot "
+                                      "be placed")
+        return text, dict(enumerate(chat.content_starts)), encoded, located
 
     async def render_chat(self, data: dict) -> RenderedChat | None:
         """The prompt vLLM's chat handler will run for ``data`` (None: the body is not a valid request)."""
@@ -202,18 +251,21 @@ class ControlPlanner:
         except ValidationError:
             return None
         try:
-            result = await self.renderer.render_chat(request)
+            # Render only: a rendering that is never sent to the engine must not enter the multimodal
+            # cache, whose front-end half records what the engine core holds. Without skip_mm_cache the
+            # two halves drift apart, and a later request with the same image runs on other image
+            # features (seen: a plain chat completion answering another colour after a steered one).
+            # vLLM's own render-only routes (/tokenize, render) pass it too.
+            result = await self.renderer.render_chat(request, skip_mm_cache=True)
         except Exception as exc:  # what vLLM's handler would have answered
             result = create_error_response(exc)
         if isinstance(result, ErrorResponse):
             raise ReplyInstead(JSONResponse(result.model_dump(), status_code=result.error.code))
         _, (engine_input,) = result
         text, offsets = engine_input.get("prompt"), engine_input.get("prompt_token_offsets")
-        if not isinstance(text, str) or offsets is None:
-            raise invalid("controls", "this model's chat prompts have no text offsets (not rendered as text, or "
-                                      "not a fast tokenizer), so character spans cannot be placed")
-        return RenderedChat(text, tuple(int(t) for t in engine_input["prompt_token_ids"]),
-                            tuple((int(s), int(e)) for s, e in offsets))
+        return RenderedChat(text if isinstance(text, str) else None,
+                            tuple(int(t) for t in engine_input["prompt_token_ids"]),
+                            None if offsets is None else tuple((int(s), int(e)) for s, e in offsets))
 
     async def _content_starts(self, data: dict, contents: dict[int, str], rendered: str) -> dict[int, int]:
         """Where each steered message's content begins in the rendered prompt.

@@ -10,6 +10,9 @@ anything a later vLLM adds) and ours all sit behind ``RequestGuard``. It
   admission check refuses unsealed payloads too, whatever route or encoding
   they come by; this layer gives the client the 400 before a stream starts);
 - refuses the few bodies vLLM itself is known to fail on with a 500;
+- takes media in chat messages inline only, within the image limits
+  (``chat_media.check_chat_media``): vLLM would fetch an image URL from the
+  server's network;
 - lets a per-path rewriter change the parsed body before the route sees it
   (the attention controls of completions and chat completions) and, by
   returning ``Rewritten`` with a ``reply_hook``, change the route's JSON reply
@@ -30,6 +33,7 @@ from fastapi.responses import JSONResponse
 
 from atman_vllm.vllm.wire import EXTRA_ARGS_KEY
 
+from .chat_media import check_chat_media
 from .errors import invalid, service_error_from
 
 RESERVED_FIELD = f"vllm_xargs.{EXTRA_ARGS_KEY}"
@@ -102,9 +106,10 @@ def refuse_known_vllm_failures(path: str, data) -> None:
 
 
 class RequestGuard:
-    def __init__(self, app, *, max_body_bytes: int, rewriters: dict[str, Rewriter]):
+    def __init__(self, app, *, max_body_bytes: int, max_images: int, rewriters: dict[str, Rewriter]):
         self.app = app
         self.max_body_bytes = max_body_bytes
+        self.max_images = max_images
         self.rewriters = rewriters
 
     async def __call__(self, scope, receive, send):
@@ -140,6 +145,7 @@ class RequestGuard:
         data = _parsed_json(body)
         refuse_reserved_fields(data)
         refuse_known_vllm_failures(path, data)
+        await check_chat_media(data, self.max_images)
         rewriter = self.rewriters.get(path)
         if rewriter is None or data is None:
             return body, None

@@ -29,6 +29,7 @@ from atman_vllm.core.planning import Limit, PlanLimits
 from atman_vllm.core.requests import ExplainRequest
 from atman_vllm.core.results import ExplainResult
 
+from .chat_media import prompt_parts
 from .errors import ErrorCode, ServiceError, invalid, service_error_from
 from .limits import ExplainSlots, ServiceLimits
 from .metrics import ServiceMetrics
@@ -159,10 +160,16 @@ class AtmanService:
         ``images``: encoded image bytes, one per image placeholder of the prompt; counted before any
         is decoded, each decoded only after its size (bytes, then pixels from its header) is checked.
         """
-        self.plan_limits.check_images(len(images))
         self.check_model(model)
         if messages is not None and prompt:
             raise invalid("messages", "give either prompt or messages, not both")
+        if messages is not None:
+            messages, part_images = self.messages_from_parts(messages)
+            if part_images and images:
+                raise invalid("images", "give a chat's images either as image parts of its messages or in "
+                                        "images, not both")
+            images = images or part_images
+        self.plan_limits.check_images(len(images))
         check_text("target", target, allow_empty=generated)
         if isinstance(options.delimiter, str):
             check_text("delimiter", options.delimiter, allow_empty=True)
@@ -179,7 +186,7 @@ class AtmanService:
         self.plan_limits.check_chars(request)  # before anything tokenizes them
         return request
 
-    def prompt_from_parts(self, parts) -> tuple[str, tuple]:
+    def prompt_from_parts(self, parts, field: str = "parts") -> tuple[str, tuple]:
         """A prompt given as ordered text (str) and image (bytes) parts, as the prompt text with the
         model's image placeholder where each image goes, and the images (counted, not yet decoded)."""
         count = sum(not isinstance(p, str) for p in parts)
@@ -187,10 +194,25 @@ class AtmanService:
         vision = getattr(self.llm, "vision", None)
         if vision is None:
             if count:
-                raise invalid("parts", f"an image part was given, but this model ({self.llm.model_name}) "
-                                       "takes no images")
+                raise invalid(field, f"an image part was given, but this model ({self.llm.model_name}) "
+                                     "takes no images")
             return "".join(parts), ()
-        return join_parts(parts, vision.placeholder, "parts")
+        return join_parts(parts, vision.placeholder, field)
+
+    def messages_from_parts(self, messages) -> tuple[list, tuple]:
+        """Chat messages whose content may be OpenAI content parts (text and image_url parts) as
+        messages with string content (the model's image placeholder where each image goes) and the
+        chat's images in order; other messages pass unchanged (``check_messages`` judges them)."""
+        if not isinstance(messages, (list, tuple)):
+            return messages, ()
+        out, images = [], []
+        for i, m in enumerate(messages):
+            if isinstance(m, dict) and isinstance(m.get("content"), list):
+                text, found = self.prompt_from_parts(prompt_parts(i, m["content"]), f"messages[{i}].content")
+                m = {**m, "content": text}
+                images += found
+            out.append(m)
+        return out, tuple(images)
 
     async def _plan_within_limits(self, request: ExplainRequest, record: _CallRecord):
         """The request's plan (None when its target is generated first), within the limits.

@@ -21,7 +21,7 @@ from .requests import ExplainRequest
 from .results import ExplainResult, ExplainStats, SpanScore, TargetToken
 from .scoring import raw_deltas, score_explanations
 from .tokens import EncodedInput, Tokenizer, encode_input, encode_with_images, encode_with_target_ids
-from .units import PromptRegion, Unit, chat_regions, region_units, segment_regions, target_units, text_regions
+from .units import PromptRegion, Unit, chat_regions, in_messages, region_units, segment_regions, target_units, text_regions
 
 # Input-embedding rows [n, d] for the given token ids; None when the backend cannot provide them.
 EmbeddingRows = Callable[[Sequence[int]], "np.ndarray | None"]
@@ -217,8 +217,6 @@ def encode_request(request: ExplainRequest, tokenizer: Tokenizer, vision: Vision
     if request.images:
         if vision is None:
             raise InvalidRequestError("images", "this model takes no images")
-        if request.chat is not None:
-            raise InvalidRequestError("images", "are taken with a prompt, not with messages")
         return encode_with_images(tokenizer, request.prompt, request.target, request.images, vision,
                                   add_bos=add_bos, target_ids=request.target_token_ids)
     if request.target_token_ids is not None:
@@ -227,15 +225,15 @@ def encode_request(request: ExplainRequest, tokenizer: Tokenizer, vision: Vision
 
 
 def prompt_regions(request: ExplainRequest, encoded: EncodedInput) -> list[PromptRegion]:
-    """Where units come from: the whole prompt, each text piece between its images, or each chat
-    message's content."""
+    """Where units come from: each chat message's content (its text pieces between its images), each
+    text piece of a prompt between its images, or the whole prompt."""
+    chat = request.chat
+    if chat is not None:
+        return chat_regions(encoded.prompt_offsets, encoded.prompt_start, chat.content_starts,
+                            [m.content for m in chat.messages], encoded.images)
     if encoded.images:
         return text_regions(request.prompt, encoded.prompt_offsets, encoded.prompt_start, encoded.images)
-    if request.chat is None:
-        return [PromptRegion(request.prompt, encoded.prompt_offsets, encoded.prompt_start)]
-    chat = request.chat
-    return chat_regions(encoded.prompt_offsets, encoded.prompt_start, chat.content_starts,
-                        [m.content for m in chat.messages])
+    return [PromptRegion(request.prompt, encoded.prompt_offsets, encoded.prompt_start)]
 
 
 def plan_explanation(
@@ -265,6 +263,8 @@ def plan_explanation(
         raise PlanCancelled()
     regions = prompt_regions(request, encoded)
     units, granularity = segment_regions(regions, options, encoded.images)
+    if request.chat is not None and encoded.images:
+        units = in_messages(units, request.chat.content_starts, [m.content for m in request.chat.messages])
     options = replace(options, granularity=granularity)
     t_units = target_units(encoded.target, encoded.target_offsets, encoded.target_start, options.target_granularity)
     limits.check_units(len(units) + len(t_units))

@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import bisect
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Literal, Sequence
 
 from .images import EncodedImage, Rect, cell_rect, image_granularity_for, image_tiles
@@ -227,21 +227,49 @@ class PromptRegion:
     message: int | None = None
 
 
+def _between_images(start: int, end: int, images: Sequence[EncodedImage]) -> list[CharSpan]:
+    """[start, end) of the prompt cut at the placeholders of the images that lie inside it."""
+    pieces, pos = [], start
+    for im in images:
+        ps, pe = im.placeholder_start, im.placeholder_start + len(im.placeholder)
+        if start <= ps and pe <= end:
+            pieces.append((pos, ps))
+            pos = pe
+    pieces.append((pos, end))
+    return pieces
+
+
+def _image_positions(images: Sequence[EncodedImage]) -> set[int]:
+    return {p for im in images for p in range(im.token_start, im.token_end)}
+
+
+def _blanked(text: str, start: int, end: int) -> str:
+    """``text`` with every character outside [start, end) replaced by a space (lengths kept)."""
+    return " " * start + text[start:end] + " " * (len(text) - end)
+
+
 def chat_regions(prompt_offsets: Sequence[CharSpan], prompt_start: int, content_starts: Sequence[int],
-                 contents: Sequence[str]) -> list[PromptRegion]:
-    """One region per message with content: the tokens whose characters overlap it, offsets into the content.
+                 contents: Sequence[str], images: Sequence[EncodedImage] = ()) -> list[PromptRegion]:
+    """One region per text piece of each message's content (the whole content, or the pieces between
+    the placeholders of its images): the tokens whose characters overlap it, offsets into the content.
 
     ``prompt_offsets`` index the rendered prompt; the tokens overlapping one
-    content are consecutive. A message with only whitespace has no units.
+    piece are consecutive. A piece's text is the content with every character
+    outside the piece blanked, so its units stay inside the piece (a sentence
+    never runs across an image) and report content offsets. A message with
+    only whitespace (or only images) has no text units; an image's tokens are
+    never in a text unit.
     """
+    excluded = _image_positions(images)
     regions = []
     for m, (cs, content) in enumerate(zip(content_starts, contents)):
-        ce = cs + len(content)
-        inside = [i for i, (s, e) in enumerate(prompt_offsets) if s < ce and e > cs]
-        if not content.strip() or not inside:
-            continue
-        offsets = tuple((max(s - cs, 0), min(e - cs, len(content))) for s, e in prompt_offsets[inside[0]:inside[-1] + 1])
-        regions.append(PromptRegion(content, offsets, prompt_start + inside[0], m))
+        for a, b in _between_images(cs, cs + len(content), images):
+            inside = [i for i, (s, e) in enumerate(prompt_offsets)
+                      if s < b and e > a and prompt_start + i not in excluded]
+            if not content[a - cs:b - cs].strip() or not inside:
+                continue
+            offsets = tuple((max(s, a) - cs, min(e, b) - cs) for s, e in prompt_offsets[inside[0]:inside[-1] + 1])
+            regions.append(PromptRegion(_blanked(content, a - cs, b - cs), offsets, prompt_start + inside[0], m))
     return regions
 
 
@@ -252,24 +280,35 @@ def text_regions(prompt: str, prompt_offsets: Sequence[CharSpan], prompt_start: 
     A region's text is the prompt with every character outside its piece blanked, so its units
     stay inside the piece (a sentence never runs across an image) and report prompt offsets.
     """
-    bounds, pos = [], 0
-    for im in images:
-        bounds.append((pos, im.placeholder_start))
-        pos = im.placeholder_start + len(im.placeholder)
-    bounds.append((pos, len(prompt)))
-    image_positions = {p for im in images for p in range(im.token_start, im.token_end)}
+    excluded = _image_positions(images)
     regions = []
-    for a, b in bounds:
+    for a, b in _between_images(0, len(prompt), images):
         if not prompt[a:b].strip():
             continue
         inside = [i for i, (s, e) in enumerate(prompt_offsets)
-                  if prompt_start + i not in image_positions and a <= s and e <= b and (s < e or a < s < b)]
+                  if prompt_start + i not in excluded and a <= s and e <= b and (s < e or a < s < b)]
         if not inside:
             continue
         first, last = inside[0], inside[-1]
-        text = " " * a + prompt[a:b] + " " * (len(prompt) - b)
-        regions.append(PromptRegion(text, tuple(prompt_offsets[first:last + 1]), prompt_start + first))
+        regions.append(PromptRegion(_blanked(prompt, a, b), tuple(prompt_offsets[first:last + 1]),
+                                    prompt_start + first))
     return regions
+
+
+def in_messages(units: Sequence[Unit], content_starts: Sequence[int], contents: Sequence[str]) -> list[Unit]:
+    """A chat's image tiles placed as its text units are: in the message whose content holds the
+    image's placeholder, at the placeholder's offset into that content."""
+    out = []
+    for u in units:
+        if u.image is not None:
+            m = next((m for m, (cs, c) in enumerate(zip(content_starts, contents)) if cs <= u.start < cs + len(c)),
+                     None)
+            if m is None:
+                raise InvalidRequestError("messages", f"image {u.image}'s placeholder is not inside a message's "
+                                                      "content (the chat template adds it)")
+            u = replace(u, start=u.start - content_starts[m], message=m)
+        out.append(u)
+    return out
 
 
 def region_units(regions: Sequence[PromptRegion], granularity: Granularity, options: ExplainOptions) -> list[Unit]:

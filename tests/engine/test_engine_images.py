@@ -143,3 +143,29 @@ def test_vllm_matches_reference_on_scenes_the_model_reads(vlm_engine, vlm_refere
         on_object += bool(sc.tile_mask(4)[round(best.top * 4), round(best.left * 4)])
     if mode == "multiplicative":  # mAP 0.862 on 100 scenes (benchmarks/results/multimodal.md)
         assert on_object >= 4, f"the strongest tile held the asked object in {on_object} of {len(scenes)} scenes"
+
+
+@pytest.mark.parametrize("options", [dict(), dict(kappa=0.6, mode="multiplicative")],
+                         ids=["log-additive", "kappa-multiplicative"])
+def test_a_chat_with_an_image_matches_the_reference(vlm_engine, vlm_reference, options):
+    """Messages with an image (the placeholder in a content, the image beside): rendered with the
+    model's chat template (no added BOS), tiles and words placed in their message, vLLM = reference."""
+    from atman_vllm.quality.scenes import generate_scenes
+
+    sc = generate_scenes(1, seed=70)[0]
+    messages = [{"role": "system", "content": "Answer with one colour."},
+                {"role": "user", "content": sc.question + "<image>"}]
+    request = vlm_engine.explain_request(messages=messages, target=" " + sc.answer, images=[sc.image()],
+                                         options=ExplainOptions(granularity="word", image_granularity="token",
+                                                                **options))
+    # The rendering as it is, no BOS added: its first token is the text's own.
+    assert request.prompt.startswith("System:")
+    assert vlm_engine.prompt_ids(request)[0] == vlm_engine.tokenizer.encode(request.prompt)[0][0]
+    fast = vlm_engine.explain_planned(request)
+    ref = vlm_reference.explain_planned(request)
+    assert_close(_scores(fast), _scores(ref), torch.float32, scale=_ce_scale(ref), bound=FIDELITY, what="scores")
+    scores = fast.explanations[0].prompt_scores
+    assert [(s.message, s.text) for s in scores if s.image is None] == \
+        [(0, w) for w in messages[0]["content"].split()] + [(1, w) for w in sc.question.split()]
+    tiles = [s for s in scores if s.image is not None]
+    assert len(tiles) == 16 and {(s.message, s.start) for s in tiles} == {(1, len(sc.question))}

@@ -54,7 +54,9 @@ HTTP_CASES = {
     "last from the assistant": ({"messages": [*MESSAGES, {"role": "assistant", "content": "Lisbon"}]},
                                 "messages", "last message must be from the user"),
     "prompt and messages": ({"prompt": "Where?", "messages": MESSAGES}, "messages", "not both"),
-    "content not a string": ({"messages": [{"role": "user", "content": ["hi"]}]}, "messages", "string"),
+    "content neither a string nor parts": ({"messages": [{"role": "user", "content": 5}]}, "messages", "string"),
+    "content part not an object": ({"messages": [{"role": "user", "content": ["hi"]}]}, "messages",
+                                   "messages.0.content.0"),
     "neither": ({}, "prompt", "required"),
 }
 

@@ -166,6 +166,40 @@ def test_several_images_mixed_with_text_and_results_in_the_contract():
                             EXPLAIN_RESULT_SCHEMA)
 
 
+def test_a_chat_with_images_has_tiles_and_text_units_per_message():
+    """Images inside chat messages: each message's content is cut at its images, text units index their
+    message's content, tiles name the message and the placeholder's offset in it; template tokens and
+    image markers are never units."""
+    from atman_vllm.core.chat import ChatMessage, ChatPrompt
+
+    tok = SpecialTokenizer()
+    vision = FakeVision(tok, rows=2, cols=2)
+    contents = ["Look at <image> and say.", "Then <image>: which is red?"]
+    rendered = "S: be brief\nU: " + contents[0] + "\nU: " + contents[1] + "\nA:"
+    starts = (rendered.index(contents[0]), rendered.index(contents[1]))
+    chat = ChatPrompt((ChatMessage("user", contents[0]), ChatMessage("user", contents[1])), starts)
+    req = ExplainRequest(rendered, " left", ExplainOptions(granularity="word"), chat=chat,
+                         images=(image("a"), image("b")))
+    plan = plan_explanation(req, tok, vision=vision)
+    words = [(u.message, u.text) for u in plan.units if u.image is None]
+    assert words == [(0, "Look"), (0, "at"), (0, "and"), (0, "say."), (1, "Then"), (1, ":"), (1, "which"),
+                     (1, "is"), (1, "red?")]
+    for u in plan.units:
+        content = contents[u.message]
+        assert content[u.start:u.start + u.length] == u.text
+    tiles = [u for u in plan.units if u.image is not None]
+    assert [(u.message, u.image, u.start) for u in tiles] == \
+        [(0, 0, contents[0].index("<image>")), (1, 1, contents[1].index("<image>"))]  # word: 2x2 cells
+    cells = {p for im in plan.encoded.images for p in im.cell_positions}
+    assert {p for u in tiles for p in u.positions} == cells
+    markers = {p for im in plan.encoded.images for p in range(im.token_start, im.token_end)} - cells
+    assert not markers & {p for u in plan.units for p in u.positions}
+    d = plan.finish([ForkResult(np.zeros(plan.encoded.num_targets), 10) for _ in plan.jobs], 0.1).to_dict()
+    jsonschema.validate(d, EXPLAIN_RESULT_SCHEMA)
+    assert {(s["message"], s.get("image")) for s in d["explanations"][0]["prompt_scores"]} == \
+        {(0, None), (1, None), (0, 0), (1, 1)}
+
+
 def test_bad_image_requests_name_the_field():
     tok = SpecialTokenizer()
     vision = FakeVision(tok)
