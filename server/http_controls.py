@@ -252,10 +252,8 @@ class ControlPlanner:
             return None
         try:
             # Render only: a rendering that is never sent to the engine must not enter the multimodal
-            # cache, whose front-end half records what the engine core holds. Without skip_mm_cache the
-            # two halves drift apart, and a later request with the same image runs on other image
-            # features (seen: a plain chat completion answering another colour after a steered one).
-            # vLLM's own render-only routes (/tokenize, render) pass it too.
+            # cache, whose front-end half records what the engine core holds (vLLM's own render-only
+            # routes, /tokenize and render, pass skip_mm_cache for this reason).
             result = await self.renderer.render_chat(request, skip_mm_cache=True)
         except Exception as exc:  # what vLLM's handler would have answered
             result = create_error_response(exc)
