@@ -4,7 +4,9 @@ Completions and chat completions take attention ``controls`` as extra body
 fields: ``ControlPlanner.rewrite`` validates them, removes them, and passes
 the bias they ask for to the engine through vLLM's standard ``vllm_xargs``
 (a payload sealed by this process: see ``atman_vllm.vllm.wire``). It runs as
-a body rewriter of ``http_guard.RequestGuard``.
+a body rewriter of ``http_guard.RequestGuard``. On chat completions a control
+is a span of a string message content, or ``{image, rect, factor}`` over an
+image of the chat (its ``image_url`` parts, in message order).
 """
 
 from __future__ import annotations
