@@ -13,6 +13,7 @@ from PIL import Image
 
 from atman_vllm.models.vlm import IMAGE_TOKEN, FAKE_IMAGE_TOKEN, GLOBAL_IMAGE_TOKEN, build_tiny_vlm, load_processor
 from atman_vllm.quality.scenes import generate_scenes
+from tolerances import assert_close
 
 N_SCENES = 3
 
@@ -53,7 +54,10 @@ def test_image_expands_to_16_tokens_between_markers(hf_vlm):
     assert processor.tokenizer.unk_token not in tokens
     # A 64×64 image passes unchanged (rescaled to [-1, 1]).
     pixels = np.asarray(enc["pixel_values"])[0, 0].transpose(1, 2, 0)
-    np.testing.assert_allclose(pixels, np.asarray(scene.image(), dtype=np.float32) / 127.5 - 1.0, atol=1e-6)
+    # float32 on both sides: the processor's rescale (x * 1/255) and normalize ((x - 0.5) / 0.5), ours
+    # x / 127.5 - 1: at most 8 roundings of values in [-1, 1].
+    assert_close(pixels, np.asarray(scene.image(), dtype=np.float32) / 127.5 - 1.0, np.float32, scale=1.0, ops=8,
+                 what="pixel values")
 
 
 def test_non_square_image_is_stretched_not_padded(hf_vlm):
