@@ -95,12 +95,11 @@ def image_parts(data) -> list[ImagePart]:
     return images
 
 
-def _decoded(image: ImagePart) -> bytes:
+def _check_readable(image: ImagePart) -> None:
     from atman_vllm.imaging import prompt_image
 
-    data = decode_image_string(image.url, image.field)
-    prompt_image(data, image.field)  # bytes, header pixels, then a full decode: vLLM gets only readable images
-    return data
+    # Bytes, header pixels, then a full decode: vLLM gets only readable images within the limits.
+    prompt_image(decode_image_string(image.url, image.field), image.field)
 
 
 async def check_chat_media(data, max_images: int) -> None:
@@ -110,17 +109,13 @@ async def check_chat_media(data, max_images: int) -> None:
         raise invalid(images[max_images].field, f"the request has {len(images)} images; at most {max_images} "
                                                 "are taken per prompt here")
     for image in images:
-        await asyncio.to_thread(_decoded, image)  # decoding a large image must not stall the event loop
+        await asyncio.to_thread(_check_readable, image)  # decoding a large image must not stall the event loop
 
 
-def prompt_parts(message_index: int, content) -> list:
-    """One message's OpenAI content as ordered prompt parts: text (str), images (encoded bytes), for
-    explaining and steering. A string content is one text part; content parts are ``text`` parts and
-    ``image_url`` parts with data URLs (what else vLLM takes is not rendered as plain text)."""
-    if isinstance(content, str):
-        return [content]
-    if not isinstance(content, list):
-        raise invalid(f"messages[{message_index}].content", "must be a string or a list of content parts")
+def prompt_parts(message_index: int, content: list) -> list:
+    """One message's OpenAI content parts as ordered prompt parts: text (str), images (encoded bytes),
+    for explaining and steering: ``text`` parts and ``image_url`` parts with data URLs (what else vLLM
+    takes is not rendered as plain text)."""
     parts = []
     for j, part in enumerate(content):
         where = f"messages[{message_index}].content[{j}]"
