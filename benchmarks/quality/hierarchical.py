@@ -1,12 +1,19 @@
 """Hierarchical vs exhaustive AtMan search: forward passes and mAP at growing context lengths.
 
-Task: the demo facts task (atman_vllm/quality/tasks.py), with documents made
-longer by more paragraphs of facts: the question's document is one paragraph,
-placed at a random position among filler paragraphs (other generated
-documents, with every fact about the question's person or mentioning its
-answer removed, so the answer stays unambiguous). Units: tokens. mAP: the
-harness's (metrics.score_example) over the context's units: a unit is
-positive when it overlaps the evidence sentence.
+Task ``--task facts`` (the demo model): the demo facts task
+(atman_vllm/quality/tasks.py), with documents made longer by more paragraphs
+of facts: the question's document is one paragraph, placed at a random
+position among filler paragraphs (other generated documents, with every fact
+about the question's person or mentioning its answer removed, so the answer
+stays unambiguous). Task ``--task story`` (a real model, e.g. ``--model
+smollm2-135m-instruct``): a day story of atman_vllm/quality/lm_tasks.py asked
+as a completion, among filler paragraphs of facts about other people (lives
+in / works as / owns a; sentences naming the story's person or holding its
+answer removed); only documents the model answers (every target token
+greedy, at full length) are kept. Units: tokens. mAP: the harness's
+(metrics.score_example) over the context's units: a unit is positive when it
+overlaps the evidence sentence (sentence label); ``ap_answer`` in the records
+uses the paper's label (the answer's tokens inside the evidence).
 
 Backend: AtmanLLM (vLLM with prefix caching), the demo model. The demo model
 has 512 positions: a document overshoots its length by up to one filler
@@ -32,42 +39,65 @@ from pathlib import Path
 
 import numpy as np
 
-from atman_vllm.core import ExplainOptions, ExplainRequest
+from atman_vllm.core import ExplainOptions, ExplainRequest, encode_input
 from atman_vllm.quality.harness import DEFAULT_MODEL_DIR
 from atman_vllm.quality.metrics import score_example
-from atman_vllm.quality.tasks import QAExample, generate_document
+from atman_vllm.quality.lm_tasks import LM_FACT_RELATIONS, STORY_PEOPLE, day_story_examples
+from atman_vllm.quality.tasks import RELATIONS, QAExample, Relation, generate_document
 
 
-def long_example(rng: random.Random, tokenizer, min_tokens: int, sep: str = "\n\n") -> QAExample:
-    """A question about one paragraph, among filler paragraphs, at least ``min_tokens`` prompt tokens."""
+def among_fillers(rng: random.Random, tokenizer, base: QAExample, banned: tuple[str, ...], min_tokens: int,
+                  sep: str, relations: tuple[Relation, ...]) -> QAExample:
+    """``base`` (its context one paragraph) at a random place among filler paragraphs of generated
+    facts that hold none of ``banned``, until the prompt has at least ``min_tokens`` tokens."""
+    paragraphs = [base.context]
+    while len(tokenizer.encode(QAExample(sep.join(paragraphs), base.question, base.answer, (), base.qtype,
+                                         base.form).prompt)[0]) < min_tokens:
+        filler = generate_document(rng, rng.randint(6, 10), relations=relations)
+        kept = [f.sentence for f in filler.facts if not any(b in f.sentence for b in banned)]
+        if kept:
+            paragraphs.insert(rng.randint(0, len(paragraphs)), " ".join(kept))
+    at = paragraphs.index(base.context)
+    shift = sum(len(p) + len(sep) for p in paragraphs[:at])
+    context = sep.join(paragraphs)
+    spans = tuple((s + shift, e + shift) for s, e in base.evidence_spans)
+    assert [context[s:e] for s, e in spans] == base.evidence_text()
+    return QAExample(context, base.question, base.answer, spans, base.qtype, base.form)
+
+
+def facts_example(rng: random.Random, tokenizer, min_tokens: int, sep: str) -> QAExample:
+    """A demo-task question about one facts paragraph, among filler paragraphs."""
     doc = generate_document(rng, rng.randint(4, 8))
     index = rng.randrange(len(doc.facts))
     base = doc.question(index, rng.choice(("value", "entity")))
     fact = doc.facts[index]
-    banned = (fact.entity, fact.value, base.answer)
-    paragraphs = [doc.context]
-    while True:
-        prompt = sep.join(paragraphs) + f" Q: {base.question} A:"
-        if len(tokenizer.encode(prompt)[0]) >= min_tokens:
-            break
-        filler = generate_document(rng, rng.randint(6, 10))
-        kept = [f.sentence for f in filler.facts if not any(b in f.sentence for b in banned)]
-        if kept:
-            paragraphs.insert(rng.randint(0, len(paragraphs)), " ".join(kept))
-    at = paragraphs.index(doc.context)
-    start = sum(len(p) + len(sep) for p in paragraphs[:at]) + doc.span_of(index)[0]
-    context = sep.join(paragraphs)
-    ev = (start, start + len(fact.sentence))
-    assert context[ev[0]:ev[1]] == fact.sentence
-    return QAExample(context, base.question, base.answer, (ev,), base.qtype)
+    return among_fillers(rng, tokenizer, base, (fact.entity, fact.value, base.answer), min_tokens, sep, RELATIONS)
 
 
-def ap_of(result, ex: QAExample) -> float | None:
+def story_example(rng: random.Random, tokenizer, min_tokens: int, sep: str) -> QAExample:
+    """A day story asked as a completion, among paragraphs of facts about other people (no
+    "plays the" facts: the story's evening sentence says what its person played)."""
+    base = day_story_examples(1, rng.randrange(1 << 30))[0]
+    banned = (base.answer, *(name for name, _ in STORY_PEOPLE if name in base.context))
+    return among_fillers(rng, tokenizer, base, banned, min_tokens, sep, LM_FACT_RELATIONS[:3])
+
+
+TASKS = {"facts": facts_example, "story": story_example}
+
+
+def ap_of(result, ex: QAExample, evidence) -> float | None:
     """AP over the context's units only (as the harness ranks them): the question's are left out."""
     scores = [u for u in result.explanations[0].prompt_scores if u.start + u.length <= len(ex.context)]
     s = score_example([(u.start, u.start + u.length) for u in scores], [u.score for u in scores],
-                      ex.evidence_spans, ex.qtype)
+                      evidence, ex.qtype)
     return None if s is None else s.ap
+
+
+def answered(llm, ex: QAExample) -> bool:
+    """Does the model complete the prompt with the target (every target token its greedy choice)?"""
+    enc = encode_input(llm.tokenizer, ex.prompt, ex.target)
+    want = tuple(enc.token_ids[enc.target_start:])
+    return llm.generate_target_ids(ExplainRequest(ex.prompt, ""), len(want)) == want
 
 
 def main() -> None:
@@ -78,69 +108,99 @@ def main() -> None:
     p.add_argument("--granularity", default="token")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--sep", default="\n\n", help="between paragraphs (' ': no paragraph level)")
+    p.add_argument("--model", default=str(DEFAULT_MODEL_DIR), help="a model dir or a prepared model's name")
+    p.add_argument("--task", choices=sorted(TASKS), default="facts",
+                   help="facts: the demo task (the demo model); story: day stories (a real model)")
+    p.add_argument("--max-candidates", type=int, default=40, help="documents tried per length (story: unanswered are dropped)")
     p.add_argument("--out", default="benchmarks/results/hierarchical.md")
     args = p.parse_args()
 
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     from atman_vllm.api import AtmanLLM
 
-    max_len = 512  # the demo model's positions
-    llm = AtmanLLM(str(DEFAULT_MODEL_DIR), enforce_eager=True, dtype="float32", block_size=32,
+    demo = args.model == str(DEFAULT_MODEL_DIR)
+    max_len = 512 if demo else 2048 + 1024 * (max(args.lengths) // 1024)  # the demo model has 512 positions
+    llm = AtmanLLM(args.model, enforce_eager=True, dtype="float32", block_size=32,
                    max_model_len=max_len, max_num_batched_tokens=max(2048, max_len),
-                   kv_cache_memory_bytes=1 << 30)
+                   kv_cache_memory_bytes=2 << 30)
     rng = random.Random(args.seed)
     rows, records = [], []
     for length in args.lengths:
         ex_ap, hi_ap, ex_passes, hi_passes, ex_s, hi_s, tokens, refined = [], [], [], [], [], [], [], []
-        for _ in range(args.examples):
-            ex = long_example(rng, llm.tokenizer, length, args.sep)
+        tried = 0
+        while len(ex_ap) < args.examples and tried < args.max_candidates:
+            tried += 1
+            ex = TASKS[args.task](rng, llm.tokenizer, length, args.sep)
+            if args.task != "facts" and not answered(llm, ex):
+                print(json.dumps({"length": length, "skipped": "not answered", "answer": ex.answer}), flush=True)
+                continue
             opts = ExplainOptions(granularity=args.granularity)
+            # Each search starts from an empty prefix cache: the other's forks are the same
+            # requests and would otherwise be served from it.
+            llm.llm.reset_prefix_cache()
             t0 = time.perf_counter()
             exhaustive = llm.explain_planned(ExplainRequest(ex.prompt, ex.target, opts))
             t1 = time.perf_counter()
             budget = max(2, math.floor(exhaustive.stats.forward_passes / args.budget_ratio))
+            llm.llm.reset_prefix_cache()
+            t2 = time.perf_counter()
             hier = llm.explain_planned(ExplainRequest(ex.prompt, ex.target, ExplainOptions(
                 granularity=args.granularity, search="hierarchical", budget=budget)))
-            t2 = time.perf_counter()
-            a, b = ap_of(exhaustive, ex), ap_of(hier, ex)
+            t3 = time.perf_counter()
+            a, b = ap_of(exhaustive, ex, ex.evidence_spans), ap_of(hier, ex, ex.evidence_spans)
             if a is None or b is None:
                 continue
             ex_ap.append(a); hi_ap.append(b)
             ex_passes.append(exhaustive.stats.forward_passes); hi_passes.append(hier.stats.forward_passes)
-            ex_s.append(t1 - t0); hi_s.append(t2 - t1)
+            ex_s.append(t1 - t0); hi_s.append(t3 - t2)
             tokens.append(len(llm.tokenizer.encode(ex.prompt)[0]))
             sc = hier.explanations[0].prompt_scores
-            refined.append(sum(s.refined for s in sc) / len(sc))
-            records.append({"length": length, "tokens": tokens[-1], "budget": budget, "ap_exhaustive": a,
-                            "ap_hierarchical": b, "passes_exhaustive": ex_passes[-1],
-                            "passes_hierarchical": hi_passes[-1], "s_exhaustive": ex_s[-1], "s_hierarchical": hi_s[-1]})
+            refined.append(sum(bool(s.refined) for s in sc) / len(sc))
+            records.append({"length": length, "tokens": tokens[-1], "budget": budget, "answer": ex.answer,
+                            "ap_exhaustive": a, "ap_hierarchical": b,
+                            "ap_answer_exhaustive": ap_of(exhaustive, ex, ex.answer_spans()),
+                            "ap_answer_hierarchical": ap_of(hier, ex, ex.answer_spans()),
+                            "passes_exhaustive": ex_passes[-1], "passes_hierarchical": hi_passes[-1],
+                            "computed_exhaustive": exhaustive.stats.computed_tokens,
+                            "computed_hierarchical": hier.stats.computed_tokens,
+                            "s_exhaustive": ex_s[-1], "s_hierarchical": hi_s[-1]})
             print(json.dumps(records[-1]), flush=True)
+        if not ex_ap:
+            continue
         m_ex, m_hi = float(np.mean(ex_ap)), float(np.mean(hi_ap))
+        ans = [(r["ap_answer_exhaustive"], r["ap_answer_hierarchical"]) for r in records if r["length"] == length]
+        ans = [x for x in ans if None not in x]
+        m_ax = float(np.mean([x[0] for x in ans])) if ans else float("nan")
+        m_ah = float(np.mean([x[1] for x in ans])) if ans else float("nan")
         rows.append((length, len(ex_ap), float(np.mean(tokens)), float(np.mean(ex_passes)), float(np.mean(hi_passes)),
                      float(np.mean(ex_passes)) / float(np.mean(hi_passes)), m_ex, m_hi, m_hi / m_ex,
-                     float(np.mean(refined)), float(np.sum(ex_s)), float(np.sum(hi_s))))
+                     m_ax, m_ah, m_ah / m_ax, float(np.mean(refined)), float(np.sum(ex_s)), float(np.sum(hi_s)), tried))
 
     lines = [
         "# Hierarchical search vs exhaustive AtMan",
         "",
-        f"Produced by `benchmarks/quality/hierarchical.py --lengths {' '.join(map(str, args.lengths))} "
-        f"--examples {args.examples} --budget-ratio {args.budget_ratio:g} --granularity {args.granularity}` "
-        "(AtmanLLM, demo model, fp32, enforce_eager, block 32, CPU).",
+        f"Produced by `benchmarks/quality/hierarchical.py --model {args.model} --task {args.task} --lengths "
+        f"{' '.join(map(str, args.lengths))} --examples {args.examples} --budget-ratio {args.budget_ratio:g} "
+        f"--granularity {args.granularity} --seed {args.seed}` (AtmanLLM, fp32, enforce_eager, block 32, CPU; "
+        "prefix cache reset before each search).",
         "",
-        f"Task: demo facts, one question paragraph among filler paragraphs; {args.granularity} units; "
-        f"budget = exhaustive passes / {args.budget_ratio:g}. mAP against the evidence sentence.",
+        f"Task: {args.task}, one question paragraph among filler paragraphs; {args.granularity} units; "
+        f"budget = exhaustive passes / {args.budget_ratio:g}. mAP against the evidence sentence (sentence label) "
+        "and against the answer's tokens in it (answer label).",
         "",
-        "| target tokens | examples | mean prompt tokens | exhaustive passes | hierarchical passes | fewer passes |"
-        " exhaustive mAP | hierarchical mAP | ratio | units refined | exhaustive s | hierarchical s |",
-        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| min prompt tokens | examples (tried) | mean prompt tokens | exhaustive passes | hierarchical passes | fewer passes |"
+        " exhaustive mAP | hierarchical mAP | ratio | exhaustive mAP, answer label | hierarchical | ratio |"
+        " units refined | exhaustive s (sum) | hierarchical s (sum) |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
-        lines.append(f"| {r[0]} | {r[1]} | {r[2]:.0f} | {r[3]:.0f} | {r[4]:.1f} | {r[5]:.1f}× | {r[6]:.3f} | "
-                     f"{r[7]:.3f} | {r[8]:.1%} | {r[9]:.1%} | {r[10]:.1f} | {r[11]:.1f} |")
+        lines.append(f"| {r[0]} | {r[1]} ({r[15]}) | {r[2]:.0f} | {r[3]:.0f} | {r[4]:.1f} | {r[5]:.1f}× | {r[6]:.3f} | "
+                     f"{r[7]:.3f} | {r[8]:.1%} | {r[9]:.3f} | {r[10]:.3f} | {r[11]:.1%} | {r[12]:.1%} | "
+                     f"{r[13]:.1f} | {r[14]:.1f} |")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text("\n".join(lines) + "\n")
-    out.with_suffix(".json").write_text(json.dumps(records, indent=1) + "\n")
+    out.with_suffix(".jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
     print("\n".join(lines))
 
 

@@ -1,29 +1,32 @@
 #!/usr/bin/env python
-"""Speed and memory of token-granularity explanations on the vLLM path (CPU).
+"""Speed and memory of explanations on the vLLM path (CPU), against the alternatives and the floor.
 
-    nice -n 10 .venv/bin/python benchmarks/vllm_path/bench_explain.py            # full run, ~30-40 min on 2 cores
-    nice -n 10 .venv/bin/python benchmarks/vllm_path/bench_explain.py --quick    # 128 tokens only, prints, writes nothing
+    nice -n 10 .venv/bin/python benchmarks/vllm_path/bench_explain.py            # both models, ~60-70 min on 2 cores
+    nice -n 10 .venv/bin/python benchmarks/vllm_path/bench_explain.py --quick    # 128 tokens, llama-32k; writes nothing
 
-A random-weight Llama of ~26M parameters (hidden 512, 8 layers, 8 heads of
-64, 4 KV heads, vocab 1024, float32) built by ``atman_vllm.models.factory``
-explains a 4-token target after contexts of 128/256/512 tokens, one unit per
-prompt token, with:
+Each model of ``--models`` (default: ``llama-32k``, a random-weight Llama of
+58M parameters with a 32,000-token vocabulary built here, and
+``smollm2-135m-instruct``, the prepared pretrained model; ``llama-1k`` is the
+26M, 1,024-vocabulary model of earlier runs) explains a 4-token target after
+corpus contexts of ``--lengths`` tokens with one unit per prompt token, and
+of ``--sentence-lengths`` tokens with one unit per sentence, with:
 
   (a) ``AtmanLLM`` (this project), prefix caching on, block size 32;
-  (b) the same with ``enable_prefix_caching=False``;
+  (b) the same with ``enable_prefix_caching=False`` (not in the default run);
   (c) ``ReferenceExplainer`` (plain transformers, 16 forks per forward);
   (d) Captum ``FeatureAblation`` through ``LLMAttribution`` on the same HF model;
   (e) Captum ``RemoteLLMAttribution`` + ``VLLMProvider`` against a stock vLLM
-      OpenAI server of the same model (``VLLM_PLUGINS=""``) on this machine.
+      OpenAI server of the same model (``VLLM_PLUGINS=""``) on this machine;
+  (f) the floor: stock vLLM (plugin off) prefilling the same fork shapes as (a)
+      (see ``bench_methods.run_floor``): what exact AtMan cannot go below.
 
 Every method runs in its own process with ``OMP_NUM_THREADS`` (default 2)
-and, for vLLM, ``VLLM_CPU_OMP_THREADS_BIND=nobind``: with the default
-``auto`` binding vLLM's CPU worker reserves one of two cores for the
-scheduler and runs on one thread. Wall time, forward passes, computed tokens
-(engine-reported for vLLM, n*L otherwise), CPU seconds and the peak RSS of
-the process tree (psutil sampling every 50 ms, summed over the benchmark
-process and its children) are reported; for (a) also the same engine's
-plain generation. Writes ``benchmarks/results/vllm_path.{json,md}``. Not a test.
+and ``VLLM_CPU_OMP_THREADS_BIND=0-1`` (torch's threads pinned the same way
+for (c)/(d)). Wall time, forward passes, computed tokens (engine-reported for
+vLLM, n*L otherwise), CPU seconds and the peak RSS of the process tree are
+reported; for (a) also the same engine's plain generation, its token floor
+Σ(L − pᵢ) + L and its block rounding. Writes
+``benchmarks/results/vllm_path.{json,md}``. Not a test.
 """
 
 from __future__ import annotations
@@ -50,30 +53,36 @@ METHOD_LABELS = {
     "c": "(c) ReferenceExplainer (HF, batched forks)",
     "d": "(d) Captum FeatureAblation (HF)",
     "e": "(e) Captum RemoteLLMAttribution -> stock vLLM server",
+    "f": "(f) floor: stock vLLM prefill of (a)'s fork shapes",
 }
-MODEL_SPEC = dict(vocab_size=1024, hidden=512, layers=8, heads=8, kv_heads=4, head_dim=64, max_position=2048)
-GOAL_LENGTH = 512
+METHODS = "abcdef"
+LLAMA_1K = dict(vocab_size=1024, hidden=512, layers=8, heads=8, kv_heads=4, head_dim=64, max_position=4096)
+FLOOR_GOAL = 1.15  # exact AtMan's wall time / the floor's (issue 13)
+COMPUTED_GOAL = 1.05  # computed tokens / the token floor
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--lengths", type=int, nargs="+", default=[128, 256, 512])
-    p.add_argument("--methods", nargs="+", default=list("abcde"), choices=list("abcde"))
-    p.add_argument("--quick", action="store_true", help="only 128 tokens; print, do not write results")
+    p.add_argument("--models", nargs="+", default=["llama-32k", "smollm2-135m-instruct"],
+                   help="llama-32k, llama-1k (random weights, built here) or a prepared model's name")
+    p.add_argument("--lengths", type=int, nargs="+", default=[128, 256, 512, 1024], help="token units")
+    p.add_argument("--sentence-lengths", type=int, nargs="+", default=[1024, 2048], help="sentence units")
+    p.add_argument("--methods", nargs="+", default=list("acdef"), choices=list(METHODS))
+    p.add_argument("--quick", action="store_true", help="only 128 tokens, llama-32k; print, do not write results")
     p.add_argument("--target-tokens", type=int, default=4)
-    p.add_argument("--model-dir", default="/tmp/atman-vllm-bench/llama-h512-l8")
+    p.add_argument("--build-dir", default="/tmp/atman-vllm-bench", help="where the random-weight models are built")
     p.add_argument("--threads", type=int, default=2, help="OMP_NUM_THREADS for every method")
     p.add_argument("--vllm-bind", default="0-1",
                    help="VLLM_CPU_OMP_THREADS_BIND for (a), (b), (e); (c)/(d) get GOMP_CPU_AFFINITY to match")
-    p.add_argument("--max-run-s", type=float, default=200.0,
+    p.add_argument("--max-run-s", type=float, default=40.0,
                    help="(b)-(e): if a full run at a length is predicted to take longer, measure a subset "
                         "of perturbations and extrapolate linearly")
-    p.add_argument("--max-run-s-a", type=float, default=600.0, help="the same threshold for (a)")
-    p.add_argument("--method-timeout-s", type=float, default=900.0,
+    p.add_argument("--max-run-s-a", type=float, default=200.0, help="the same threshold for (a) (and so (f))")
+    p.add_argument("--method-timeout-s", type=float, default=1200.0,
                    help="hard limit per method (all lengths); what is unfinished is reported as timeout")
-    p.add_argument("--method-timeout-s-a", type=float, default=1500.0, help="the same limit for (a)")
-    p.add_argument("--kv-cache-mib", type=int, default=1024, help="KV cache of (a)/(b) (the server gets 1 GiB)")
-    p.add_argument("--server-kv-gib", type=int, default=1)
+    p.add_argument("--method-timeout-s-a", type=float, default=1800.0, help="the same limit for (a) and (f)")
+    p.add_argument("--kv-cache-mib", type=int, default=2048, help="KV cache of (a)/(b)/(f)")
+    p.add_argument("--server-kv-gib", type=int, default=2, help="KV cache of the stock server (e)")
     p.add_argument("--port", type=int, default=18731)
     p.add_argument("--out-dir", default=str(REPO / "benchmarks" / "results"))
     p.add_argument("--no-write", action="store_true")
@@ -81,28 +90,51 @@ def parse_args(argv=None):
                    help="re-render the markdown from a saved vllm_path.json (e.g. after editing analysis.md)")
     p.add_argument("--run-dir", default=None, help="logs and raw records (default /tmp/atman-vllm-bench/run-<time>)")
     # internal: one method in this process
-    p.add_argument("--worker", choices=list("abcde"), help=argparse.SUPPRESS)
+    p.add_argument("--worker", choices=list(METHODS), help=argparse.SUPPRESS)
+    p.add_argument("--model-dir", help=argparse.SUPPRESS)
+    p.add_argument("--max-model-len", type=int, help=argparse.SUPPRESS)
     p.add_argument("--contexts", help=argparse.SUPPRESS)
     p.add_argument("--worker-out", help=argparse.SUPPRESS)
+    p.add_argument("--a-records", help=argparse.SUPPRESS)
     p.add_argument("--server-log", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.quick:
-        args.lengths, args.no_write = [128], True
+        args.models, args.lengths, args.sentence_lengths, args.no_write = ["llama-32k"], [128], [], True
     return args
 
 
 # --- inputs --------------------------------------------------------------------------------
 
 
-def build_model(model_dir: str) -> dict:
-    from atman_vllm.models.factory import build_tiny_model
+def build_model(name: str, build_dir: str) -> dict:
+    """The model's directory and what it is (read from its config and weights)."""
     from safetensors import safe_open
+    from transformers import AutoConfig
 
-    path = build_tiny_model("llama", model_dir, seed=0, **MODEL_SPEC)
-    with safe_open(str(path / "model.safetensors"), "pt") as f:
-        params = sum(_prod(f.get_slice(k).get_shape()) for k in f.keys())
-    return {"family": "llama", **MODEL_SPEC, "intermediate": 3 * MODEL_SPEC["hidden"], "parameters": params,
-            "dtype": "float32", "weights": "random (seed 0)", "dir": str(path)}
+    if name == "llama-32k":
+        from bench_memory import build_llama_32k
+
+        path, weights = Path(build_llama_32k(str(Path(build_dir) / "llama-32k"))), "random (seed 0)"
+    elif name == "llama-1k":
+        from atman_vllm.models.factory import build_tiny_model
+
+        path, weights = build_tiny_model("llama", str(Path(build_dir) / "llama-h512-l8"), seed=0, **LLAMA_1K), \
+            "random (seed 0)"
+    else:
+        from atman_vllm.models.registry import resolve_model
+
+        path, weights = Path(resolve_model(name)), "pretrained"
+    cfg = AutoConfig.from_pretrained(str(path))
+    params = 0
+    for f in sorted(path.glob("*.safetensors")):
+        with safe_open(str(f), "pt") as st:
+            params += sum(_prod(st.get_slice(k).get_shape()) for k in st.keys())
+    heads = cfg.num_attention_heads
+    return {"name": name, "family": cfg.model_type, "vocab_size": cfg.vocab_size, "hidden": cfg.hidden_size,
+            "layers": cfg.num_hidden_layers, "heads": heads, "kv_heads": getattr(cfg, "num_key_value_heads", heads),
+            "head_dim": getattr(cfg, "head_dim", None) or cfg.hidden_size // heads,
+            "intermediate": cfg.intermediate_size, "max_position": cfg.max_position_embeddings,
+            "parameters": params, "dtype": "float32", "weights": weights, "dir": str(path)}
 
 
 def _prod(shape) -> int:
@@ -112,22 +144,27 @@ def _prod(shape) -> int:
     return n
 
 
-def make_contexts(model_dir: str, lengths: list[int], target_tokens: int) -> dict:
-    """Prompt/target strings whose joint encoding is exactly L tokens (BOS included).
+def make_contexts(model_dir: str, lengths: list[int], sentence_lengths: list[int], target_tokens: int) -> dict:
+    """Prompt/target strings whose joint encoding is exactly L tokens (BOS, if the tokenizer adds
+    one, included), one per case (token units at ``lengths``, sentence units at
+    ``sentence_lengths``), with each prompt token's AtMan unit for the Captum methods.
 
-    Each length (and the plain-generation prompt of each length, and the
-    warm-up) comes from a different part of the corpus, so no run is served
-    from the prefix cache of an earlier one.
+    Each case (and the plain-generation prompt of each token length, and the warm-up) comes from
+    a different part of the corpus, so no run is served from the prefix cache of an earlier one.
     """
     from transformers import AutoTokenizer
 
+    from atman_vllm.core import ExplainOptions, HFTokenizer, encode_input, segment_prompt
     from atman_vllm.models.corpus import tiny_corpus
 
     tok = AutoTokenizer.from_pretrained(model_dir)
     ids = tok(" ".join(line for line in tiny_corpus() if line), add_special_tokens=False)["input_ids"]
+    offset = 0
 
-    def exact(length: int, offset: int) -> dict:
-        n_prompt = length - 1 - target_tokens
+    def exact(length: int) -> dict:
+        nonlocal offset
+        n_special = len(tok("a")["input_ids"]) - len(tok("a", add_special_tokens=False)["input_ids"])
+        n_prompt = length - n_special - target_tokens
         for start in range(offset, offset + 200):
             prompt = tok.decode(ids[start:start + n_prompt])
             target = tok.decode(ids[start + n_prompt:start + n_prompt + target_tokens])
@@ -136,15 +173,30 @@ def make_contexts(model_dir: str, lengths: list[int], target_tokens: int) -> dic
             full = tok(prompt + target)["input_ids"]
             if (len(full) == length and tok(prompt)["input_ids"] == full[:length - target_tokens]
                     and tok(target, add_special_tokens=False)["input_ids"] == full[length - target_tokens:]):
+                offset = start + n_prompt + target_tokens + 8
                 return {"prompt": prompt, "target": target, "tokens": length, "token_ids": full}
-        raise RuntimeError(f"no clean {length}-token context near offset {offset}")
+        raise RuntimeError(f"no clean {length}-token context near offset {offset} (the corpus has {len(ids)} tokens)")
 
-    stride = 1100
-    ctx = {"lengths": {}, "plain": {}, "target_tokens": target_tokens}
-    for i, length in enumerate(lengths):
-        ctx["lengths"][str(length)] = exact(length, i * stride)
-        ctx["plain"][str(length)] = exact(length, (len(lengths) + i) * stride)
-    ctx["warmup"] = exact(64, 2 * len(lengths) * stride)
+    def unit_of_feature(c: dict, granularity: str) -> list[int]:
+        """Per prompt token Captum ablates (every prompt token but BOS), the index of its AtMan unit."""
+        enc = encode_input(HFTokenizer(tok), c["prompt"], c["target"])
+        units, _ = segment_prompt(c["prompt"], enc.prompt_offsets, enc.prompt_start, ExplainOptions(granularity=granularity))
+        owner = {p: i for i, u in enumerate(units) for p in u.positions}
+        prompt_ids = tok(c["prompt"])["input_ids"]
+        positions = [i for i, t in enumerate(prompt_ids) if t != tok.bos_token_id]
+        assert all(p in owner for p in positions), "a prompt token outside every unit"
+        return [owner[p] for p in positions]
+
+    ctx = {"cases": [], "plain": {}, "target_tokens": target_tokens}
+    for granularity, these in (("token", lengths), ("sentence", sentence_lengths)):
+        for length in these:
+            c = exact(length)
+            c.update(key=f"{length}" if granularity == "token" else f"{length}s", granularity=granularity)
+            c["unit_of_feature"] = unit_of_feature(c, granularity)
+            ctx["cases"].append(c)
+    for length in lengths:
+        ctx["plain"][str(length)] = exact(length)
+    ctx["warmup"] = exact(64)
     return ctx
 
 
@@ -170,19 +222,23 @@ def method_env(args, method: str) -> dict:
                no_proxy="127.0.0.1,localhost")
     for k in ("VLLM_ENABLE_V1_MULTIPROCESSING", "VLLM_PLUGINS", "VLLM_CPU_KVCACHE_SPACE"):
         env.pop(k, None)  # (a)/(b) run the real multiprocess engine with the plugin from its entry point
+    if method == "f":
+        env["VLLM_PLUGINS"] = ""  # the floor is stock vLLM: the atman plugin is not loaded
     gomp = cpu_list_for_gomp(args.vllm_bind)
     if method in "cd" and gomp:
         env["GOMP_CPU_AFFINITY"] = gomp  # pin torch's OpenMP threads as vLLM pins its worker's
     return env
 
 
-def run_method(method: str, args, run_dir: Path, contexts_path: Path) -> tuple[list[dict], str]:
+def run_method(method: str, args, run_dir: Path, contexts_path: Path, model: dict,
+               n_cases: int) -> tuple[list[dict], str]:
     out = run_dir / f"{method}.jsonl"
     log_path = run_dir / f"{method}.log"
     out.unlink(missing_ok=True)
     cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", method, "--contexts", str(contexts_path),
            "--worker-out", str(out), "--server-log", str(run_dir / "server_e.log"),
-           "--lengths", *map(str, args.lengths), "--model-dir", args.model_dir,
+           "--a-records", str(run_dir / "a.jsonl"), "--model-dir", model["dir"],
+           "--max-model-len", str(args.max_model_len),
            "--max-run-s", str(args.max_run_s_a if method == "a" else args.max_run_s),
            "--kv-cache-mib", str(args.kv_cache_mib), "--server-kv-gib", str(args.server_kv_gib),
            "--port", str(args.port), "--threads", str(args.threads), "--vllm-bind", args.vllm_bind]
@@ -194,7 +250,7 @@ def run_method(method: str, args, run_dir: Path, contexts_path: Path) -> tuple[l
                                 start_new_session=True)
         status = "ok"
         try:
-            proc.wait(timeout=args.method_timeout_s_a if method == "a" else args.method_timeout_s)
+            proc.wait(timeout=args.method_timeout_s_a if method in "af" else args.method_timeout_s)
             if proc.returncode != 0:
                 status = f"error (exit {proc.returncode}, see {log_path})"
         except subprocess.TimeoutExpired:
@@ -206,11 +262,13 @@ def run_method(method: str, args, run_dir: Path, contexts_path: Path) -> tuple[l
 
     threads = thread_lines(log_path.read_text(errors="replace"))
     for r in records:
-        if r["method"] in ("a", "b", "a:generate") and threads:
+        if r["method"] in ("a", "b", "a:generate", "f") and threads:
             r["threads"] = r["threads"] + "; " + "; ".join(threads)
-    done = {r["length"] for r in records if r["method"] == method}
+    done = {r["case"] for r in records if r["method"] == method}
     print(f"   {method}: {len(records)} records in {time.perf_counter() - t0:.0f} s, status {status}", flush=True)
-    return records, status if len(done) < len(args.lengths) or status != "ok" else "ok"
+    if status == "ok" and len(done) < n_cases:
+        status = f"incomplete ({len(done)} of {n_cases} cases, see {log_path})"
+    return records, status
 
 
 def _end_group(proc: subprocess.Popen, sig, wait_s: float) -> None:
@@ -251,84 +309,70 @@ def _fmt(x, nd=1):
     return f"{x:,}"
 
 
-def summarize(records: list[dict], statuses: dict, args) -> dict:
-    by = {(r["method"], r["length"]): r for r in records}
-    main = {m: {r["length"]: r for r in records if r["method"] == m} for m in "abcde"}
-    lengths = sorted({r["length"] for r in records if r["method"] in "abcde"})
-    speedups = {}
-    for L in lengths:
-        a = main["a"].get(L)
+def summarize(run: dict) -> dict:
+    """Per case: (a)'s speed-ups over the others, its ratio to the floor, its block rounding."""
+    by = {(r["method"], r["case"]): r for r in run["records"]}
+    cases = [c for c in run["config"]["cases"] if any((m, c) in by for m in METHODS)]
+    out = {}
+    for case in cases:
+        a, s = by.get(("a", case)), {}
         if not a or a["wall_s"] is None:
+            out[case] = s
             continue
-        s = {}
         for m in "bcde":
-            o = main[m].get(L)
+            o = by.get((m, case))
             if o and o["wall_s"]:
                 s[f"a_vs_{m}"] = o["wall_s"] / a["wall_s"]
                 if o["cpu_s"] and a["cpu_s"]:
                     s[f"a_vs_{m}_cpu"] = o["cpu_s"] / a["cpu_s"]
-        b = main["b"].get(L)
+        f = by.get(("f", case))
+        if f and f["wall_s"]:
+            s["a_over_floor"] = a["wall_s"] / f["wall_s"]
+            wa, wf = a["extra"].get("worker_cpu_s"), f["extra"].get("worker_cpu_s")
+            if wa and wf:
+                s["a_over_floor_worker_cpu"] = wa / wf
+        s["block_rounding"] = a["computed_tokens"] / a["extra"]["token_floor"]
+        b = by.get(("b", case))
         if b and b["computed_tokens"]:
             s["computed_a_over_b"] = a["computed_tokens"] / b["computed_tokens"]
-        speedups[str(L)] = s
-    g = speedups.get(str(GOAL_LENGTH), {})
-
-    def verdict(key, ok):
-        if key not in g:
-            return {"value": None, "met": None}
-        return {"value": g[key], "met": bool(ok(g[key]))}
-
-    goals = {
-        "a_at_least_3x_faster_than_c_at_512": verdict("a_vs_c", lambda v: v >= 3),
-        "a_at_least_5x_faster_than_e_at_512": verdict("a_vs_e", lambda v: v >= 5),
-        "computed_a_at_most_0.55x_b_at_512": verdict("computed_a_over_b", lambda v: v <= 0.55),
-    }
-    return {"speedups": speedups, "goals": goals, "lengths": lengths, "by": by}
+        out[case] = s
+    return {"by": by, "cases": cases, "speedups": out}
 
 
-def markdown(report: dict, summary: dict) -> str:
-    cfg = report["config"]
+def _model_line(m: dict) -> str:
+    return (f"`{m['name']}`: {m['family']}, {m['weights']} weights, {m['parameters'] / 1e6:.1f}M parameters "
+            f"(hidden {m['hidden']}, {m['layers']} layers, {m['heads']} heads × {m['head_dim']}, {m['kv_heads']} KV "
+            f"heads, MLP {m['intermediate']}, vocab {m['vocab_size']:,}), float32")
+
+
+def _ratio(s: dict, key: str) -> str:
+    if key not in s:
+        return "–"
+    return f"{s[key]:.2f}× ({s[key + '_cpu']:.2f}×)" if key + "_cpu" in s else f"{s[key]:.2f}×"
+
+
+def _times(x: float | None, goal: float | None = None) -> str:
+    """'1.07×', with ✓/✗ against a goal (at most ``goal``)."""
+    if x is None:
+        return "–"
+    return f"{x:.2f}×" + ("" if goal is None else (" ✓" if x <= goal else " ✗"))
+
+
+def model_section(run: dict) -> list[str]:
+    cfg, summary = run["config"], summarize(run)
+    by, cases = summary["by"], summary["cases"]
     m = cfg["model"]
-    lines = [
-        "# vLLM path: speed and memory of token-granularity explanations",
-        "",
-        f"Generated by `benchmarks/vllm_path/bench_explain.py` on {cfg['finished']} "
-        f"({cfg['machine']['cpus']} CPUs, {cfg['machine']['cpu_model']}; shared with other jobs: "
-        f"1-min load average {cfg['machine']['load_at_start']:.1f} at start, see the load column).",
-        "",
-        f"Model: random-weight Llama, {m['parameters'] / 1e6:.1f}M parameters (hidden {m['hidden']}, "
-        f"{m['layers']} layers, {m['heads']} heads × {m['head_dim']}, {m['kv_heads']} KV heads, MLP "
-        f"{m['intermediate']}, vocab {m['vocab_size']}), float32. Explained: a {cfg['target_tokens']}-token target "
-        "after the rest of an L-token context (BOS included), `granularity=\"token\"` (one perturbation per prompt "
-        "token), suppression factor 0.1 (log-additive, the default).",
-        "",
-        f"Threads: `OMP_NUM_THREADS={cfg['threads']}` for every method; vLLM (a, b, e) with "
-        f"`VLLM_CPU_OMP_THREADS_BIND={cfg['vllm_bind']}` (vLLM's default `auto` reserves one of the two cores for "
-        "the engine-core process and runs the worker on 1 thread; `nobind` keeps 2 unpinned threads, which spun "
-        "~3× more CPU per explanation here), (c)/(d) with torch's OpenMP threads pinned the same way "
-        "(`GOMP_CPU_AFFINITY`). vLLM engines use `enforce_eager`, block size 32, "
-        f"a {cfg['kv_cache_mib']} MiB KV cache (the stock server: `VLLM_CPU_KVCACHE_SPACE={cfg['server_kv_gib']}`).",
-        "",
-        "Columns: **wall s** of one explanation (engine already started and warmed up); **passes**: forward passes "
-        "(perturbations + 1); **computed**: token positions the model ran (engine-reported for (a)/(b)/(e), n·L for "
-        "(c)/(d)); **cached**: positions served from the prefix cache; **peak RSS**: the benchmark process tree "
-        "(psutil, 50 ms sampling; shared pages counted per process); **CPU s**: user+system CPU of the tree during "
-        "the explanation, and CPU s / wall s (≈ cores actually used); **load**: machine 1-min load average after "
-        "the run. *extrapolated*: a full run was predicted (from the previous length, × (L'/L)²) to exceed "
-        f"{cfg['max_run_s']:.0f} s ((a): {cfg.get('max_run_s_a', cfg['max_run_s']):.0f} s), so an evenly spaced "
-        "subset of the perturbations (measured passes in the note) ran and wall/CPU time and token counts were "
-        "scaled linearly by passes.",
-        "",
-        "| L | method | wall s | passes | computed | cached | peak RSS MiB | CPU s (cores) | load | note |",
-        "|---:|---|---:|---:|---:|---:|---:|---:|---:|---|",
-    ]
-    for L in summary["lengths"]:
-        for meth in "abcde":
-            r = summary["by"].get((meth, L))
+    lines = [f"## {m['name']}", "", _model_line(m) + f"; engines with `max_model_len` {cfg['max_model_len']}. "
+             f"1-min load average {cfg['load_at_start']:.1f} at the start of this model's runs.", "",
+             "| case | units | method | wall s | passes | computed | cached | peak RSS MiB | CPU s (cores) | load | note |",
+             "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---|"]
+    for case in cases:
+        for meth in METHODS:
+            r = by.get((meth, case))
             if r is None:
-                st = report["statuses"].get(meth)
                 if meth in cfg["methods"]:
-                    lines.append(f"| {L} | {METHOD_LABELS[meth]} | {st or 'not run'} | | | | | | | |")
+                    lines.append(f"| {case} | | {METHOD_LABELS[meth]} | {run['statuses'].get(meth) or 'not run'} "
+                                 "| | | | | | | |")
                 continue
             note = []
             if r["extrapolated"]:
@@ -337,57 +381,94 @@ def markdown(report: dict, summary: dict) -> str:
                 note.append(f"computed: {r['computed_source']}")
             cores = (r["cpu_s"] / r["wall_s"]) if r["cpu_s"] and r["wall_s"] else None
             lines.append(
-                f"| {L} | {METHOD_LABELS[meth]} | {_fmt(r['wall_s'])} | {_fmt(r['forward_passes'])} | "
-                f"{_fmt(r['computed_tokens'])} | {_fmt(r['cached_tokens'])} | {_fmt(r['peak_rss_mib'], 0)} | "
-                f"{_fmt(r['cpu_s'])} ({_fmt(cores, 2)}) | {_fmt(r['load_1m'])} | {'; '.join(note)} |")
-    lines += ["", "## Speed-up of (a): time of the other method / time of (a), wall (CPU seconds)", "",
-              "| L | vs (b) | vs (c) | vs (d) | vs (e) | computed tokens (a)/(b) |", "|---:|---:|---:|---:|---:|---:|"]
-    for L, s in summary["speedups"].items():
-        cells = [(f"{s[k]:.2f}× ({s[k + '_cpu']:.2f}×)" if k + "_cpu" in s else f"{s[k]:.2f}×") if k in s else "–"
-                 for k in ("a_vs_b", "a_vs_c", "a_vs_d", "a_vs_e")]
-        cells.append(f"{s['computed_a_over_b']:.3f}" if "computed_a_over_b" in s else "–")
-        lines.append(f"| {L} | " + " | ".join(cells) + " |")
-    lines += ["", "## Goals (at 512 tokens; verdict on wall time)", ""]
-    names = {"a_at_least_3x_faster_than_c_at_512": "(a) ≥ 3× faster than (c)",
-             "a_at_least_5x_faster_than_e_at_512": "(a) ≥ 5× faster than (e)",
-             "computed_a_at_most_0.55x_b_at_512": "computed tokens of (a) ≤ 0.55 × (b)"}
-    cpu_keys = {"a_at_least_3x_faster_than_c_at_512": "a_vs_c_cpu", "a_at_least_5x_faster_than_e_at_512": "a_vs_e_cpu"}
-    for k, v in summary["goals"].items():
-        val = "not measured" if v["value"] is None else (
-            f"{v['value']:.3f}" if "computed" in k else f"{v['value']:.2f}× wall time")
-        cpu = summary["speedups"].get(str(GOAL_LENGTH), {}).get(cpu_keys.get(k, ""))
-        if v["value"] is not None and cpu is not None:
-            val += f" ({cpu:.2f}× in CPU seconds of the process trees)"
-        met = "–" if v["met"] is None else ("**met**" if v["met"] else "**missed**")
-        lines.append(f"- {names[k]}: {val} → {met}")
-    gens = [r for r in report["records"] if r["method"] == "a:generate"]
+                f"| {case} | {r['units']} {r['granularity']}s | {METHOD_LABELS[meth]} | {_fmt(r['wall_s'])} | "
+                f"{_fmt(r['forward_passes'])} | {_fmt(r['computed_tokens'])} | {_fmt(r['cached_tokens'])} | "
+                f"{_fmt(r['peak_rss_mib'], 0)} | {_fmt(r['cpu_s'])} ({_fmt(cores, 2)}) | {_fmt(r['load_1m'])} | "
+                f"{'; '.join(note)} |")
+    lines += ["", "### (a) against its floor (f)", "",
+              f"Goals (issue 13): wall time ≤ {FLOOR_GOAL}× the floor's; computed tokens ≤ {COMPUTED_GOAL}× the token "
+              "floor Σ(L − pᵢ) + L (pᵢ: fork i's first perturbed position). Worker CPU: the vLLM worker process's "
+              "CPU seconds (it does the model's work; they move far less than wall time when other jobs share the "
+              "machine).", "",
+              "| case | forks | token floor | computed (a) | computed (f) | block rounding (a) | (a) s | floor s | "
+              "(a) / floor, wall | (a) / floor, worker CPU | (a) ms / computed token | floor ms |",
+              "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for case in cases:
+        a, f, s = by.get(("a", case)), by.get(("f", case)), summary["speedups"].get(case, {})
+        if not a:
+            continue
+        lines.append(
+            f"| {case} | {a['units']} | {a['extra']['token_floor']:,} | {_fmt(a['computed_tokens'])} | "
+            f"{_fmt(f and f['computed_tokens'])} | {_times(s['block_rounding'], COMPUTED_GOAL)} | "
+            f"{_fmt(a['wall_s'], 2)} | {_fmt(f and f['wall_s'], 2)} | {_times(s.get('a_over_floor'), FLOOR_GOAL)} | "
+            f"{_times(s.get('a_over_floor_worker_cpu'))} | {1e3 * a['wall_s'] / a['computed_tokens']:.3f} | "
+            f"{_fmt(f and 1e3 * f['wall_s'] / f['computed_tokens'], 3)} |")
+    lines += ["", "### Speed-up of (a): the other method's time / (a)'s, wall (CPU seconds of the process trees)", "",
+              "| case | vs (c) reference | vs (d) Captum FeatureAblation | vs (e) Captum remote → stock vLLM | vs (b) |",
+              "|---|---:|---:|---:|---:|"]
+    for case in cases:
+        s = summary["speedups"].get(case, {})
+        lines.append(f"| {case} | " + " | ".join(_ratio(s, k) for k in ("a_vs_c", "a_vs_d", "a_vs_e", "a_vs_b")) + " |")
+    gens = [r for r in run["records"] if r["method"] == "a:generate"]
     if gens:
-        lines += ["", "## Memory of (a): explanation vs plain generation on the same engine", "",
+        lines += ["", "### Memory of (a): explanation vs plain generation on the same engine", "",
                   "Peak RSS of the process tree (front end + engine core + worker). Plain generation: greedy, "
                   "64 new tokens after a prompt of the same length (different text).", "",
-                  "| L | idle after warm-up MiB | explain peak MiB | generate peak MiB | explain − generate MiB | generate wall s |",
-                  "|---:|---:|---:|---:|---:|---:|"]
+                  "| L | idle after warm-up MiB | explain peak MiB | generate peak MiB | explain / generate |",
+                  "|---:|---:|---:|---:|---:|"]
         for gr in gens:
-            ex = summary["by"].get(("a", gr["length"]))
-            if ex is None:
-                continue
-            lines.append(f"| {gr['length']} | {_fmt(gr['extra'].get('idle_rss_mib'), 0)} | {_fmt(ex['peak_rss_mib'], 0)} "
-                         f"| {_fmt(gr['peak_rss_mib'], 0)} | {_fmt(ex['peak_rss_mib'] - gr['peak_rss_mib'], 0)} "
-                         f"| {_fmt(gr['wall_s'], 2)} |")
-    lines += ["", "## Threads each method used", ""]
+            ex = by.get(("a", gr["case"]))
+            if ex is not None:
+                lines.append(f"| {gr['length']} | {_fmt(gr['extra'].get('idle_rss_mib'), 0)} | "
+                             f"{_fmt(ex['peak_rss_mib'], 0)} | {_fmt(gr['peak_rss_mib'], 0)} | "
+                             f"{ex['peak_rss_mib'] / gr['peak_rss_mib']:.3f}× |")
+    lines += ["", "### Threads and set-up each method used", ""]
     seen = set()
-    for r in report["records"]:
-        key = (r["method"].split(":")[0], r["threads"])
-        if r["method"] in "abcde" and key not in seen:
-            seen.add(key)
+    for r in run["records"]:
+        if r["method"] in METHODS and (r["method"], r["threads"]) not in seen:
+            seen.add((r["method"], r["threads"]))
             lines.append(f"- {METHOD_LABELS[r['method']]}: {r['threads']}")
-    for meth in "de":
-        notes = {r["note"] for r in report["records"] if r["method"] == meth}
-        for n in notes:
-            lines.append(f"- {METHOD_LABELS[meth]} setup: {n}")
+    for meth in "cde":
+        for n in sorted({r["note"] for r in run["records"] if r["method"] == meth and r["note"]}):
+            lines.append(f"- {METHOD_LABELS[meth]}: {n}")
+    return lines
+
+
+def markdown(report: dict) -> str:
+    mach = report["machine"]
+    cfg = report["runs"][0]["config"] if report["runs"] else {}
+    lines = [
+        "# vLLM path: speed and memory of explanations, against the alternatives and the floor",
+        "",
+        f"Generated by `benchmarks/vllm_path/bench_explain.py {' '.join(report['argv'])}` from "
+        f"{report['started']} to {report['finished']} ({mach['cpus']} CPUs, {mach['cpu_model']}, "
+        f"{mach['memory_gib']:.0f} GiB); versions: "
+        + ", ".join(f"{k} {v}" for k, v in report["versions"].items()) + ".",
+        "",
+        f"Explained: a {cfg.get('target_tokens')}-token target after the rest of an L-token corpus context (BOS "
+        "included where the tokenizer adds one). Case `512`: token units (one perturbation per prompt token); case "
+        "`1024s`: sentence units. Suppression factor 0.1, log-additive (the default).",
+        "",
+        f"Threads: `OMP_NUM_THREADS={cfg.get('threads')}` for every method; vLLM ((a), (b), (e), (f)) with "
+        f"`VLLM_CPU_OMP_THREADS_BIND={cfg.get('vllm_bind')}`, (c)/(d) with torch's OpenMP threads pinned the same "
+        "way (`GOMP_CPU_AFFINITY`). vLLM engines: `enforce_eager`, block size 32, a "
+        f"{cfg.get('kv_cache_mib')} MiB KV cache (the stock server: `VLLM_CPU_KVCACHE_SPACE={cfg.get('server_kv_gib')}`).",
+        "",
+        "Columns: **wall s** of one explanation (engine already started and warmed up); **passes**: forward passes "
+        "(perturbations + 1); **computed**: token positions the model ran (engine-reported for vLLM, n·L for (c)/(d)); "
+        "**cached**: positions served from the prefix cache; **peak RSS**: the benchmark process tree (psutil, 50 ms "
+        "sampling; shared pages counted per process); **CPU s**: user+system CPU of the tree during the explanation, "
+        "and CPU s / wall s (≈ cores used); **load**: 1-min load average after the run. *extrapolated*: a full run "
+        f"was predicted (from the previous length of the same units, × (L'/L)²) to exceed {cfg.get('max_run_s', 0):.0f} s "
+        f"((a): {cfg.get('max_run_s_a', 0):.0f} s), so an evenly spaced subset of the perturbations ran (passes in "
+        "the note) and time and token counts were scaled linearly by passes; (f) runs exactly (a)'s subset.",
+        "",
+    ]
+    for run in report["runs"]:
+        lines += model_section(run) + [""]
     analysis = HERE / "analysis.md"
     if analysis.exists():
-        lines += ["", analysis.read_text().rstrip()]
+        lines += [analysis.read_text().rstrip()]
     return "\n".join(lines) + "\n"
 
 
@@ -395,48 +476,55 @@ def orchestrate(args) -> int:
     import psutil
 
     started = datetime.datetime.now(datetime.timezone.utc)
-    run_dir = Path(args.run_dir or f"/tmp/atman-vllm-bench/run-{started:%Y%m%d-%H%M%S}")
-    run_dir.mkdir(parents=True, exist_ok=True)
-    print(f"run dir: {run_dir}", flush=True)
-    model = build_model(args.model_dir)
-    print(f"model: {model['parameters'] / 1e6:.1f}M parameters in {model['dir']}", flush=True)
-    contexts = make_contexts(args.model_dir, args.lengths, args.target_tokens)
-    contexts_path = run_dir / "contexts.json"
-    contexts_path.write_text(json.dumps(contexts))
+    root = Path(args.run_dir or f"/tmp/atman-vllm-bench/run-{started:%Y%m%d-%H%M%S}")
+    print(f"run dir: {root}", flush=True)
     cpu_model = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
                       if ln.startswith("model name")), platform.processor())
-    config = {
-        "started": started.isoformat(timespec="seconds"), "model": model, "lengths": args.lengths,
-        "methods": args.methods, "target_tokens": args.target_tokens, "threads": args.threads,
-        "vllm_bind": args.vllm_bind, "kv_cache_mib": args.kv_cache_mib, "server_kv_gib": args.server_kv_gib,
-        "max_run_s": args.max_run_s, "max_run_s_a": args.max_run_s_a, "method_timeout_s": args.method_timeout_s,
-        "method_timeout_s_a": args.method_timeout_s_a, "versions": versions(),
-        "machine": {"cpus": os.cpu_count(), "cpu_model": cpu_model, "memory_gib": psutil.virtual_memory().total / 2**30,
-                    "load_at_start": psutil.getloadavg()[0]},
-        "code_sha256_12": {p: file_digest(REPO / p) for p in (
-            "atman_vllm/vllm/backend_cpu.py", "atman_vllm/vllm/biased_attention.py", "atman_vllm/kernels/key_bias.py",
-            "atman_vllm/vllm/runner_hooks.py", "atman_vllm/reference/attention.py")},
-        "run_dir": str(run_dir),
-    }
-    records, statuses = [], {}
-    for method in args.methods:
-        recs, status = run_method(method, args, run_dir, contexts_path)
-        records += recs
-        statuses[method] = status
-    config["finished"] = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
-    report = {"config": config, "statuses": statuses, "records": records}
-    summary = summarize(records, statuses, args)
-    report["speedups"], report["goals"] = summary["speedups"], summary["goals"]
-    md = markdown(report, summary)
-    print(json.dumps(report, indent=2))
+    report = {"argv": sys.argv[1:], "started": started.isoformat(timespec="seconds"), "versions": versions(),
+              "machine": {"cpus": os.cpu_count(), "cpu_model": cpu_model,
+                          "memory_gib": psutil.virtual_memory().total / 2**30},
+              "code_sha256_12": {p: file_digest(REPO / p) for p in (
+                  "atman_vllm/vllm/backend_cpu.py", "atman_vllm/vllm/biased_attention.py",
+                  "atman_vllm/kernels/key_bias.py", "atman_vllm/vllm/runner_hooks.py")},
+              "runs": []}
+    ok = True
+    for name in args.models:
+        run_dir = root / name
+        run_dir.mkdir(parents=True, exist_ok=True)
+        model = build_model(name, args.build_dir)
+        print(f"model {name}: {model['parameters'] / 1e6:.1f}M parameters in {model['dir']}", flush=True)
+        contexts = make_contexts(model["dir"], args.lengths, args.sentence_lengths, args.target_tokens)
+        contexts_path = run_dir / "contexts.json"
+        contexts_path.write_text(json.dumps(contexts))
+        # An explanation needs one position past its tokens (the engine generates one).
+        longest = max([c["tokens"] + 1 for c in contexts["cases"]] + [int(k) + 64 for k in contexts["plain"]])
+        args.max_model_len = -(-longest // 32) * 32
+        if args.max_model_len > model["max_position"]:
+            raise SystemExit(f"{name} has {model['max_position']} positions; the longest case needs {longest}")
+        config = {"model": model, "cases": [c["key"] for c in contexts["cases"]], "methods": args.methods,
+                  "target_tokens": args.target_tokens, "threads": args.threads, "vllm_bind": args.vllm_bind,
+                  "kv_cache_mib": args.kv_cache_mib, "server_kv_gib": args.server_kv_gib,
+                  "max_model_len": args.max_model_len, "max_run_s": args.max_run_s, "max_run_s_a": args.max_run_s_a,
+                  "load_at_start": psutil.getloadavg()[0], "run_dir": str(run_dir)}
+        records, statuses = [], {}
+        for method in sorted(args.methods, key=METHODS.index):  # (f) needs (a)'s forks
+            recs, status = run_method(method, args, run_dir, contexts_path, model, len(contexts["cases"]))
+            records += recs
+            statuses[method] = status
+            ok = ok and status == "ok"
+        run = {"config": config, "statuses": statuses, "records": records}
+        run["speedups"] = summarize(run)["speedups"]
+        report["runs"].append(run)
+    report["finished"] = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    md = markdown(report)
     print(md)
     if not args.no_write:
         out = Path(args.out_dir)
         out.mkdir(parents=True, exist_ok=True)
-        (out / "vllm_path.json").write_text(json.dumps(report, indent=2) + "\n")
+        (out / "vllm_path.json").write_text(json.dumps(report, indent=1) + "\n")
         (out / "vllm_path.md").write_text(md)
         print(f"wrote {out / 'vllm_path.json'} and {out / 'vllm_path.md'}")
-    return 0 if all(s == "ok" for s in statuses.values()) else 1
+    return 0 if ok else 1
 
 
 def worker(args) -> int:
@@ -448,9 +536,7 @@ def worker(args) -> int:
 
 
 def render_only(args) -> int:
-    report = json.loads(Path(args.render_only).read_text())
-    summary = summarize(report["records"], report["statuses"], args)
-    md = markdown(report, summary)
+    md = markdown(json.loads(Path(args.render_only).read_text()))
     print(md)
     if not args.no_write:
         (Path(args.out_dir) / "vllm_path.md").write_text(md)

@@ -1,15 +1,17 @@
-"""The five ways of explaining a completion that ``bench_explain.py`` times.
+"""The ways of explaining a completion that ``bench_explain.py`` times, and the floor.
 
 Each ``run_<method>`` runs in its own process (started by ``bench_explain``
-with the thread environment set), measures every requested context length
-and appends one JSON record per measurement to ``out_path`` as soon as it has
-it, so a method killed at its time limit still leaves what it finished.
+with the thread environment set), measures every case (a context length and
+a unit granularity: token or sentence) and appends one JSON record per
+measurement to ``out_path`` as soon as it has it, so a method killed at its
+time limit still leaves what it finished.
 
 Methods whose full run is predicted to exceed ``max_run_s`` (from the
-previous length, scaled by (L'/L)^2) measure an evenly spaced subset of the
-perturbations and extrapolate linearly in the number of forward passes; the
-record then says ``extrapolated: true``. (a) gets a higher threshold
-(``--max-run-s-a``) than the others.
+previous length of the same granularity, scaled by (L'/L)^2) measure an
+evenly spaced subset of the perturbations and extrapolate linearly in the
+number of forward passes; the record then says ``extrapolated: true``. (a)
+and (f) get a higher threshold (``--max-run-s-a``) than the others; (f)
+measures exactly the forks (a) measured, so their ratio compares the same work.
 """
 
 from __future__ import annotations
@@ -35,6 +37,8 @@ GEN_TOKENS = 64  # plain generation, for the memory comparison of (a)
 class Record:
     method: str
     length: int  # tokens of prompt + target, incl. BOS, as the method saw them
+    case: str = ""  # the context's key: "512" (token units), "1024s" (sentence units)
+    granularity: str = "token"
     status: str = "ok"
     wall_s: float | None = None
     extrapolated: bool = False
@@ -74,7 +78,7 @@ class Sink:
 
 
 class Predictor:
-    """Predicts a full run's wall time at length L from the previous length."""
+    """Predicts a full run's wall time at length L from the previous length (of one granularity)."""
 
     def __init__(self):
         self.prev: tuple[int, float] | None = None
@@ -115,6 +119,16 @@ def _torch_threads() -> str:
 # --- (a) / (b): this project's vLLM path -------------------------------------------------
 
 
+def engine_kwargs(args) -> dict:
+    """(a), (b) and (f) run the same engine settings."""
+    return dict(enforce_eager=True, dtype="float32", block_size=32, max_model_len=args.max_model_len,
+                kv_cache_memory_bytes=args.kv_cache_mib * MIB)
+
+
+def case_record(method: str, c: dict, **kw) -> Record:
+    return Record(method, c["tokens"], case=c["key"], granularity=c["granularity"], **kw)
+
+
 def run_atman(method: str, ctx: dict, args, sink: Sink) -> None:
     from atman_vllm.api import AtmanLLM
     from atman_vllm.core import ExplainRequest, make_options
@@ -122,28 +136,32 @@ def run_atman(method: str, ctx: dict, args, sink: Sink) -> None:
     prefix = method == "a"
     sampler = TreeSampler()
     t0 = time.perf_counter()
-    llm = AtmanLLM(args.model_dir, enforce_eager=True, dtype="float32", block_size=32, max_model_len=1024,
-                   kv_cache_memory_bytes=args.kv_cache_mib * MIB, enable_prefix_caching=prefix)
+    llm = AtmanLLM(args.model_dir, **engine_kwargs(args), enable_prefix_caching=prefix)
     start_s = time.perf_counter() - t0
     w = ctx["warmup"]
     llm.explain(w["prompt"], w["target"], granularity="token")
     time.sleep(1.0)
     idle_rss = sampler.current_rss() / MIB
-    predictor = Predictor()
-    for length in args.lengths:
-        c = ctx["lengths"][str(length)]
-        rec = Record(method, c["tokens"], computed_source="engine",
-                     threads=f"env OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS')}, "
-                             f"VLLM_CPU_OMP_THREADS_BIND={os.environ.get('VLLM_CPU_OMP_THREADS_BIND')}")
+    predictors: dict[str, Predictor] = {}
+    for c in ctx["cases"]:
+        length, gran = c["tokens"], c["granularity"]
+        predictor = predictors.setdefault(gran, Predictor())
+        rec = case_record(method, c, computed_source="engine",
+                          threads=f"env OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS')}, "
+                                  f"VLLM_CPU_OMP_THREADS_BIND={os.environ.get('VLLM_CPU_OMP_THREADS_BIND')}")
         rec.extra["engine_start_s"] = start_s
         rec.extra["idle_rss_mib"] = idle_rss
-        plan = llm.plan(ExplainRequest(c["prompt"], c["target"], make_options(granularity="token")))
+        plan = llm.plan(ExplainRequest(c["prompt"], c["target"], make_options(granularity=gran)))
         n = len(plan.jobs) - 1
         rec.units = n
+        # What the floor (f) needs: every fork's first perturbed position, and which forks ran.
+        firsts = [j.bias.first_position for j in plan.jobs[1:]]
+        rec.extra["first_positions"] = firsts
+        rec.extra["token_floor"] = sum(length - p for p in firsts) + length
         k = subset_size(n, predictor.predict(length), args.max_run_s)
         if k is None:
             with sampler.window() as win:
-                res = llm.explain(c["prompt"], c["target"], granularity="token")
+                res = llm.explain(c["prompt"], c["target"], granularity=gran)
             rec.fill_window(win)
             rec.forward_passes = res.stats.forward_passes
             rec.computed_tokens = res.stats.computed_tokens
@@ -151,6 +169,7 @@ def run_atman(method: str, ctx: dict, args, sink: Sink) -> None:
             rec.extra["engine_elapsed_s"] = res.stats.elapsed_s
         else:
             jobs = [plan.jobs[0], *evenly_spaced(plan.jobs[1:], k)]
+            rec.extra["measured_first_positions"] = [j.bias.first_position for j in jobs[1:]]
             with sampler.window() as win:
                 results = llm.run_jobs(jobs)
             rec.fill_window(win)
@@ -161,18 +180,20 @@ def run_atman(method: str, ctx: dict, args, sink: Sink) -> None:
             rec.forward_passes = len(plan.jobs)
             rec.computed_tokens = round(sum(r.computed_tokens for r in results) * scale)
             rec.cached_tokens = round(sum(r.cached_tokens for r in results) * scale)
+        rec.extra["worker_cpu_s"] = worker_cpu_s(rec)
         predictor.record(length, rec.wall_s)
         sink.write(rec)
 
-        if method == "a":  # plain generation on the same engine, same context length (other text: no cache hit)
+        if method == "a" and c["key"] in ctx["plain"]:
+            # plain generation on the same engine, same context length (other text: no cache hit)
             from vllm import SamplingParams
             from vllm.inputs import TokensPrompt
 
-            g = ctx["plain"][str(length)]
+            g = ctx["plain"][c["key"]]
             params = SamplingParams(max_tokens=GEN_TOKENS, temperature=0.0, ignore_eos=True)
             with sampler.window() as win:
                 out = llm.llm.generate([TokensPrompt(prompt_token_ids=g["token_ids"])], params, use_tqdm=False)
-            gen = Record("a:generate", len(g["token_ids"]), computed_source="engine", threads=rec.threads)
+            gen = Record("a:generate", len(g["token_ids"]), case=c["key"], computed_source="engine", threads=rec.threads)
             gen.fill_window(win)
             gen.forward_passes = len(out[0].outputs[0].token_ids)
             gen.computed_tokens = len(g["token_ids"]) + len(out[0].outputs[0].token_ids) - 1
@@ -181,6 +202,68 @@ def run_atman(method: str, ctx: dict, args, sink: Sink) -> None:
             sink.write(gen)
     blocks = llm.kv_block_stats()
     print(f"[bench] kv blocks after run: {blocks}", flush=True)
+    sampler.close()
+
+
+def worker_cpu_s(rec: Record) -> float | None:
+    """CPU seconds of the vLLM worker process (it does the model's work), scaled as the record's
+    time is when extrapolated; None where the tree has no vLLM worker."""
+    by = rec.extra.get("cpu_s_by_process", {})
+    cpu = [v for k, v in by.items() if "Worker" in k]
+    if not cpu:
+        return None
+    return sum(cpu) * (rec.wall_s / rec.measured_wall_s if rec.extrapolated else 1.0)
+
+
+# --- (f): the floor: stock vLLM prefilling the same fork shapes ---------------------------
+
+
+def run_floor(ctx: dict, args, sink: Sink) -> None:
+    """Stock vLLM (plugin off) prefilling, after the same unperturbed prompt, one request per fork
+    of (a) whose tokens equal the prompt's up to the fork's first perturbed position and differ
+    at it: the prefix cache serves the blocks (a)'s fork reuses, the engine computes the same
+    new tokens against the same context lengths, and only the last position's logits (no
+    vocabulary-wide LM head per token). Exactly the forks (a) measured, scaled as (a) scaled."""
+    from vllm import LLM, SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    atman = {r["case"]: r for r in map(json.loads, Path(args.a_records).read_text().splitlines())
+             if r["method"] == "a"}
+    sampler = TreeSampler()
+    llm = LLM(args.model_dir, **engine_kwargs(args), enable_prefix_caching=True)
+    vocab = llm.llm_engine.model_config.get_vocab_size()
+    params = SamplingParams(max_tokens=1, temperature=0.0, detokenize=False)
+
+    def forks_of(ids: list[int], firsts: list[int]) -> list[TokensPrompt]:
+        return [TokensPrompt(prompt_token_ids=ids[:p] + [(ids[p] + 1) % vocab] + ids[p + 1:]) for p in firsts]
+
+    w = ctx["warmup"]["token_ids"]
+    llm.generate(forks_of(w, list(range(1, len(w) - 4))), params, use_tqdm=False)
+    for c in ctx["cases"]:
+        a = atman.get(c["key"])
+        if a is None:
+            continue
+        ids, firsts = c["token_ids"], a["extra"]["first_positions"]
+        measured = a["extra"].get("measured_first_positions", firsts)
+        rec = case_record("f", c, computed_source="engine",
+                          threads=f"env OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS')}, "
+                                  f"VLLM_CPU_OMP_THREADS_BIND={os.environ.get('VLLM_CPU_OMP_THREADS_BIND')}")
+        rec.units = len(firsts)
+        llm.reset_prefix_cache()
+        with sampler.window() as win:
+            outs = llm.generate([TokensPrompt(prompt_token_ids=ids)], params, use_tqdm=False)
+            outs += llm.generate(forks_of(ids, measured), params, use_tqdm=False)
+        rec.fill_window(win)
+        computed = sum(len(o.prompt_token_ids) - (o.num_cached_tokens or 0) for o in outs)
+        cached = sum(o.num_cached_tokens or 0 for o in outs)
+        scale = (len(firsts) + 1) / (len(measured) + 1)
+        if len(measured) < len(firsts):
+            rec.extrapolated, rec.measured_passes, rec.measured_wall_s = True, len(outs), win.wall_s
+            rec.wall_s, rec.cpu_s = win.wall_s * scale, win.cpu_s * scale
+        rec.forward_passes = len(firsts) + 1
+        rec.computed_tokens, rec.cached_tokens = round(computed * scale), round(cached * scale)
+        rec.extra["worker_cpu_s"] = worker_cpu_s(rec)
+        sink.write(rec)
     sampler.close()
 
 
@@ -198,12 +281,13 @@ def run_reference(ctx: dict, args, sink: Sink) -> None:
     ref = ReferenceExplainer(args.model_dir)
     w = ctx["warmup"]
     ref.explain(w["prompt"], w["target"], granularity="token")
-    predictor = Predictor()
-    for length in args.lengths:
-        c = ctx["lengths"][str(length)]
-        rec = Record("c", c["tokens"], computed_source="n*L", threads=_torch_threads())
+    predictors: dict[str, Predictor] = {}
+    for c in ctx["cases"]:
+        length, gran = c["tokens"], c["granularity"]
+        predictor = predictors.setdefault(gran, Predictor())
+        rec = case_record("c", c, computed_source="n*L", threads=_torch_threads())
         rec.note = f"batch_size={ref.batch_size} forks per forward"
-        plan = ref.plan(ExplainRequest(c["prompt"], c["target"], make_options(granularity="token")))
+        plan = ref.plan(ExplainRequest(c["prompt"], c["target"], make_options(granularity=gran)))
         n = len(plan.jobs) - 1
         rec.units = n
         k = subset_size(n, predictor.predict(length), args.max_run_s, minimum=2 * ref.batch_size - 1)
@@ -212,7 +296,7 @@ def run_reference(ctx: dict, args, sink: Sink) -> None:
             k = None if k >= n else k
         if k is None:
             with sampler.window() as win:
-                res = ref.explain(c["prompt"], c["target"], granularity="token")
+                res = ref.explain(c["prompt"], c["target"], granularity=gran)
             rec.fill_window(win)
             rec.forward_passes, rec.computed_tokens = res.stats.forward_passes, res.stats.computed_tokens
             rec.cached_tokens = res.stats.cached_tokens
@@ -234,16 +318,16 @@ def run_reference(ctx: dict, args, sink: Sink) -> None:
 # --- (d) / (e): Captum FeatureAblation, local model or remote vLLM server ----------------
 
 
-def _ablation_mask(n: int, k: int):
-    """A FeatureAblation feature mask with k single-token groups spread over the prompt and
-    one group holding every other token: k + 1 ablations + 1 baseline pass of full length."""
+def _ablation_mask(unit_of_feature: list[int], k: int | None):
+    """A FeatureAblation feature mask: one group per unit (AtMan's units: a token, or a
+    sentence's tokens) or, with ``k``, k units spread over the prompt and one group holding
+    every other token: k + 1 ablations + 1 baseline pass of full length."""
     import torch
 
-    chosen = evenly_spaced(list(range(n)), k)
-    mask = torch.full((1, n), k, dtype=torch.long)
-    for group, pos in enumerate(chosen):
-        mask[0, pos] = group
-    return mask
+    n_units = max(unit_of_feature) + 1
+    chosen = range(n_units) if k is None else evenly_spaced(list(range(n_units)), k)
+    group = {u: g for g, u in enumerate(chosen)}
+    return torch.tensor([[group.get(u, len(group)) for u in unit_of_feature]], dtype=torch.long)
 
 
 class PassCounter:
@@ -260,9 +344,11 @@ def _run_captum(method: str, attr, tokenizer, ctx: dict, args, sink: Sink, count
     import torch
     from captum.attr import TextTokenInput
 
-    def attribute(prompt, target, k=None):
+    def attribute(prompt, target, unit_of_feature=None, k=None):
         inp = TextTokenInput(prompt, tokenizer, skip_tokens=[tokenizer.bos_token_id])  # BOS is never ablated (as in AtMan)
-        kwargs = {} if k is None else {"feature_mask": _ablation_mask(inp.n_itp_features, k)}
+        unit_of_feature = unit_of_feature or list(range(inp.n_itp_features))
+        assert len(unit_of_feature) == inp.n_itp_features, (len(unit_of_feature), inp.n_itp_features)
+        kwargs = {"feature_mask": _ablation_mask(unit_of_feature, k)}
         if method == "d":
             kwargs["forward_in_tokens"] = False  # one full pass per ablation, as AtMan's forks
         with torch.no_grad():
@@ -271,20 +357,22 @@ def _run_captum(method: str, attr, tokenizer, ctx: dict, args, sink: Sink, count
 
     w = ctx["warmup"]
     attribute(w["prompt"], w["target"], k=4)
-    predictor = Predictor()
-    for length in args.lengths:
-        c = ctx["lengths"][str(length)]
+    predictors: dict[str, Predictor] = {}
+    for c in ctx["cases"]:
+        length = c["tokens"]
+        predictor = predictors.setdefault(c["granularity"], Predictor())
         n_target = len(tokenizer.encode(c["target"], add_special_tokens=False))
         inp0 = TextTokenInput(c["prompt"], tokenizer, skip_tokens=[tokenizer.bos_token_id])
-        n = inp0.n_itp_features
+        n = max(c["unit_of_feature"]) + 1  # AtMan's units of this case
         seq_len = inp0.inp_tensor.shape[1] + n_target
-        rec = Record(method, seq_len, threads=threads() if callable(threads) else threads, note=note)
+        rec = case_record(method, dict(c, tokens=seq_len), threads=threads() if callable(threads) else threads,
+                          note=note)
         rec.units = n
         k = subset_size(n, predictor.predict(length), args.max_run_s)
         counter.reset()
         before = engine_tokens() if engine_tokens else None
         with sampler.window() as win:
-            attribute(c["prompt"], c["target"], k)
+            attribute(c["prompt"], c["target"], c["unit_of_feature"], k)
         rec.fill_window(win)
         passes = counter.passes
         if before is not None:
@@ -357,7 +445,7 @@ def run_captum_remote(ctx: dict, args, sink: Sink) -> None:
     env = dict(os.environ, VLLM_PLUGINS="", VLLM_CPU_KVCACHE_SPACE=str(args.server_kv_gib))
     cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", args.model_dir,
            "--host", "127.0.0.1", "--port", str(args.port), "--enforce-eager", "--dtype", "float32",
-           "--max-model-len", "1024", "--block-size", "32"]
+           "--max-model-len", str(args.max_model_len), "--block-size", "32"]
     log = open(args.server_log, "w")
     server = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
     print(f"[bench] stock vLLM server pid {server.pid}: {' '.join(cmd)} (log {args.server_log})", flush=True)
@@ -437,4 +525,5 @@ METHODS = {
     "c": run_reference,
     "d": run_captum_local,
     "e": run_captum_remote,
+    "f": run_floor,
 }
