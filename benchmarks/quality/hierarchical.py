@@ -100,6 +100,49 @@ def answered(llm, ex: QAExample) -> bool:
     return llm.generate_target_ids(ExplainRequest(ex.prompt, ""), len(want)) == want
 
 
+def mean(xs) -> float:
+    xs = [x for x in xs if x is not None]
+    return float(np.mean(xs)) if xs else float("nan")
+
+
+def render(args, records: list[dict]) -> str:
+    """The results table, one row per length, from the per-example records."""
+    lines = [
+        "# Hierarchical search vs exhaustive AtMan",
+        "",
+        f"Produced by `benchmarks/quality/hierarchical.py --model {args.model} --task {args.task} --lengths "
+        f"{' '.join(map(str, args.lengths))} --examples {args.examples} --budget-ratio {args.budget_ratio:g} "
+        f"--granularity {args.granularity} --seed {args.seed}` (AtmanLLM, fp32, enforce_eager, block 32, CPU; "
+        "prefix cache reset before each search). Per-example records: the `.jsonl` beside this file.",
+        "",
+        f"Task: {args.task}, one question paragraph among filler paragraphs; {args.granularity} units; "
+        f"budget = exhaustive passes / {args.budget_ratio:g}. mAP against the evidence sentence (sentence label) "
+        "and against the answer's tokens in it (answer label, the paper's).",
+        "",
+        "| min prompt tokens | examples | mean prompt tokens | exhaustive passes | hierarchical passes | fewer passes |"
+        " exhaustive mAP | hierarchical mAP | ratio | exhaustive mAP, answer label | hierarchical | ratio |"
+        " units refined | exhaustive s (sum) | hierarchical s (sum) |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for length in sorted({r["length"] for r in records}):
+        rs = [r for r in records if r["length"] == length]
+        col = lambda k: [r.get(k) for r in rs]  # noqa: E731
+        ex_p, hi_p = mean(col("passes_exhaustive")), mean(col("passes_hierarchical"))
+        ex, hi = mean(col("ap_exhaustive")), mean(col("ap_hierarchical"))
+        ax, ah = mean(col("ap_answer_exhaustive")), mean(col("ap_answer_hierarchical"))
+        lines.append(f"| {length} | {len(rs)} | {mean(col('tokens')):.0f} | {ex_p:.0f} | {hi_p:.1f} | {ex_p / hi_p:.1f}× | "
+                     f"{ex:.3f} | {hi:.3f} | {hi / ex:.1%} | {ax:.3f} | {ah:.3f} | {ah / ax:.1%} | "
+                     f"{'–' if math.isnan(mean(col('refined'))) else format(mean(col('refined')), '.1%')} | {sum(col('s_exhaustive')):.1f} | {sum(col('s_hierarchical')):.1f} |")
+    return "\n".join(lines) + "\n"
+
+
+def write(args, records: list[dict]) -> None:
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(render(args, records))
+    out.with_suffix(".jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--lengths", type=int, nargs="+", default=[128, 256, 400])
@@ -113,7 +156,12 @@ def main() -> None:
                    help="facts: the demo task (the demo model); story: day stories (a real model)")
     p.add_argument("--max-candidates", type=int, default=40, help="documents tried per length (story: unanswered are dropped)")
     p.add_argument("--out", default="benchmarks/results/hierarchical.md")
+    p.add_argument("--render-only", metavar="JSONL", help="write the table from saved records (the same arguments)")
     args = p.parse_args()
+    if args.render_only:
+        write(args, [json.loads(line) for line in Path(args.render_only).read_text().splitlines() if line.strip()])
+        print(Path(args.out).read_text())
+        return
 
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     from atman_vllm.api import AtmanLLM
@@ -124,11 +172,10 @@ def main() -> None:
                    max_model_len=max_len, max_num_batched_tokens=max(2048, max_len),
                    kv_cache_memory_bytes=2 << 30)
     rng = random.Random(args.seed)
-    rows, records = [], []
+    records = []
     for length in args.lengths:
-        ex_ap, hi_ap, ex_passes, hi_passes, ex_s, hi_s, tokens, refined = [], [], [], [], [], [], [], []
-        tried = 0
-        while len(ex_ap) < args.examples and tried < args.max_candidates:
+        kept = tried = 0
+        while kept < args.examples and tried < args.max_candidates:
             tried += 1
             ex = TASKS[args.task](rng, llm.tokenizer, length, args.sep)
             if args.task != "facts" and not answered(llm, ex):
@@ -150,58 +197,21 @@ def main() -> None:
             a, b = ap_of(exhaustive, ex, ex.evidence_spans), ap_of(hier, ex, ex.evidence_spans)
             if a is None or b is None:
                 continue
-            ex_ap.append(a); hi_ap.append(b)
-            ex_passes.append(exhaustive.stats.forward_passes); hi_passes.append(hier.stats.forward_passes)
-            ex_s.append(t1 - t0); hi_s.append(t3 - t2)
-            tokens.append(len(llm.tokenizer.encode(ex.prompt)[0]))
+            kept += 1
             sc = hier.explanations[0].prompt_scores
-            refined.append(sum(bool(s.refined) for s in sc) / len(sc))
-            records.append({"length": length, "tokens": tokens[-1], "budget": budget, "answer": ex.answer,
-                            "ap_exhaustive": a, "ap_hierarchical": b,
+            records.append({"length": length, "tokens": len(llm.tokenizer.encode(ex.prompt)[0]), "budget": budget,
+                            "answer": ex.answer, "ap_exhaustive": a, "ap_hierarchical": b,
                             "ap_answer_exhaustive": ap_of(exhaustive, ex, ex.answer_spans()),
                             "ap_answer_hierarchical": ap_of(hier, ex, ex.answer_spans()),
-                            "passes_exhaustive": ex_passes[-1], "passes_hierarchical": hi_passes[-1],
+                            "passes_exhaustive": exhaustive.stats.forward_passes,
+                            "passes_hierarchical": hier.stats.forward_passes,
                             "computed_exhaustive": exhaustive.stats.computed_tokens,
                             "computed_hierarchical": hier.stats.computed_tokens,
-                            "s_exhaustive": ex_s[-1], "s_hierarchical": hi_s[-1]})
+                            "refined": sum(bool(s.refined) for s in sc) / len(sc),
+                            "s_exhaustive": t1 - t0, "s_hierarchical": t3 - t2, "tried": tried})
             print(json.dumps(records[-1]), flush=True)
-        if not ex_ap:
-            continue
-        m_ex, m_hi = float(np.mean(ex_ap)), float(np.mean(hi_ap))
-        ans = [(r["ap_answer_exhaustive"], r["ap_answer_hierarchical"]) for r in records if r["length"] == length]
-        ans = [x for x in ans if None not in x]
-        m_ax = float(np.mean([x[0] for x in ans])) if ans else float("nan")
-        m_ah = float(np.mean([x[1] for x in ans])) if ans else float("nan")
-        rows.append((length, len(ex_ap), float(np.mean(tokens)), float(np.mean(ex_passes)), float(np.mean(hi_passes)),
-                     float(np.mean(ex_passes)) / float(np.mean(hi_passes)), m_ex, m_hi, m_hi / m_ex,
-                     m_ax, m_ah, m_ah / m_ax, float(np.mean(refined)), float(np.sum(ex_s)), float(np.sum(hi_s)), tried))
-
-    lines = [
-        "# Hierarchical search vs exhaustive AtMan",
-        "",
-        f"Produced by `benchmarks/quality/hierarchical.py --model {args.model} --task {args.task} --lengths "
-        f"{' '.join(map(str, args.lengths))} --examples {args.examples} --budget-ratio {args.budget_ratio:g} "
-        f"--granularity {args.granularity} --seed {args.seed}` (AtmanLLM, fp32, enforce_eager, block 32, CPU; "
-        "prefix cache reset before each search).",
-        "",
-        f"Task: {args.task}, one question paragraph among filler paragraphs; {args.granularity} units; "
-        f"budget = exhaustive passes / {args.budget_ratio:g}. mAP against the evidence sentence (sentence label) "
-        "and against the answer's tokens in it (answer label).",
-        "",
-        "| min prompt tokens | examples (tried) | mean prompt tokens | exhaustive passes | hierarchical passes | fewer passes |"
-        " exhaustive mAP | hierarchical mAP | ratio | exhaustive mAP, answer label | hierarchical | ratio |"
-        " units refined | exhaustive s (sum) | hierarchical s (sum) |",
-        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
-    ]
-    for r in rows:
-        lines.append(f"| {r[0]} | {r[1]} ({r[15]}) | {r[2]:.0f} | {r[3]:.0f} | {r[4]:.1f} | {r[5]:.1f}× | {r[6]:.3f} | "
-                     f"{r[7]:.3f} | {r[8]:.1%} | {r[9]:.3f} | {r[10]:.3f} | {r[11]:.1%} | {r[12]:.1%} | "
-                     f"{r[13]:.1f} | {r[14]:.1f} |")
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text("\n".join(lines) + "\n")
-    out.with_suffix(".jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
-    print("\n".join(lines))
+            write(args, records)  # after every example: a stopped run keeps what it measured
+    print(render(args, records))
 
 
 if __name__ == "__main__":

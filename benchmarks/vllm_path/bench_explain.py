@@ -56,6 +56,7 @@ METHOD_LABELS = {
     "f": "(f) floor: stock vLLM prefill of (a)'s fork shapes",
 }
 METHODS = "abcdef"
+RUN_ORDER = "afebcd"  # (f) needs (a)'s forks; the vLLM methods first, the slow HF ones last
 LLAMA_1K = dict(vocab_size=1024, hidden=512, layers=8, heads=8, kv_heads=4, head_dim=64, max_position=4096)
 FLOOR_GOAL = 1.15  # exact AtMan's wall time / the floor's (issue 13)
 COMPUTED_GOAL = 1.05  # computed tokens / the token floor
@@ -89,6 +90,9 @@ def parse_args(argv=None):
     p.add_argument("--render-only", metavar="JSON",
                    help="re-render the markdown from a saved vllm_path.json (e.g. after editing analysis.md)")
     p.add_argument("--run-dir", default=None, help="logs and raw records (default /tmp/atman-vllm-bench/run-<time>)")
+    p.add_argument("--resume", action="store_true",
+                   help="reuse the records every method left in --run-dir (an interrupted run); only methods "
+                        "with none run")
     # internal: one method in this process
     p.add_argument("--worker", choices=list(METHODS), help=argparse.SUPPRESS)
     p.add_argument("--model-dir", help=argparse.SUPPRESS)
@@ -230,10 +234,21 @@ def method_env(args, method: str) -> dict:
     return env
 
 
+def method_status(records: list[dict], method: str, n_cases: int, status: str, log_path: Path) -> str:
+    done = {r["case"] for r in records if r["method"] == method}
+    if status == "ok" and len(done) < n_cases:
+        return f"incomplete ({len(done)} of {n_cases} cases, see {log_path})"
+    return status
+
+
 def run_method(method: str, args, run_dir: Path, contexts_path: Path, model: dict,
                n_cases: int) -> tuple[list[dict], str]:
     out = run_dir / f"{method}.jsonl"
     log_path = run_dir / f"{method}.log"
+    if args.resume and out.exists():
+        records = with_threads(out, log_path)
+        print(f"== {METHOD_LABELS[method]}: {len(records)} records of the earlier run reused", flush=True)
+        return records, method_status(records, method, n_cases, "ok", log_path)
     out.unlink(missing_ok=True)
     cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", method, "--contexts", str(contexts_path),
            "--worker-out", str(out), "--server-log", str(run_dir / "server_e.log"),
@@ -257,18 +272,21 @@ def run_method(method: str, args, run_dir: Path, contexts_path: Path, model: dic
             status = "timeout"
             _end_group(proc, signal.SIGTERM, 30)
         _end_group(proc, signal.SIGKILL, 5)  # leftovers of this method's group only
-    records = [json.loads(line) for line in out.read_text().splitlines()] if out.exists() else []
+    records = with_threads(out, log_path)
+    print(f"   {method}: {len(records)} records in {time.perf_counter() - t0:.0f} s, status {status}", flush=True)
+    return records, method_status(records, method, n_cases, status, log_path)
+
+
+def with_threads(out: Path, log_path: Path) -> list[dict]:
+    """A method's records, those of in-process vLLM engines with the thread lines of its log."""
     from bench_methods import thread_lines
 
-    threads = thread_lines(log_path.read_text(errors="replace"))
+    records = [json.loads(line) for line in out.read_text().splitlines() if line.strip()] if out.exists() else []
+    threads = thread_lines(log_path.read_text(errors="replace")) if log_path.exists() else []
     for r in records:
         if r["method"] in ("a", "b", "a:generate", "f") and threads:
             r["threads"] = r["threads"] + "; " + "; ".join(threads)
-    done = {r["case"] for r in records if r["method"] == method}
-    print(f"   {method}: {len(records)} records in {time.perf_counter() - t0:.0f} s, status {status}", flush=True)
-    if status == "ok" and len(done) < n_cases:
-        status = f"incomplete ({len(done)} of {n_cases} cases, see {log_path})"
-    return records, status
+    return records
 
 
 def _end_group(proc: subprocess.Popen, sig, wait_s: float) -> None:
@@ -459,9 +477,12 @@ def markdown(report: dict) -> str:
         "**cached**: positions served from the prefix cache; **peak RSS**: the benchmark process tree (psutil, 50 ms "
         "sampling; shared pages counted per process); **CPU s**: user+system CPU of the tree during the explanation, "
         "and CPU s / wall s (≈ cores used); **load**: 1-min load average after the run. *extrapolated*: a full run "
-        f"was predicted (from the previous length of the same units, × (L'/L)²) to exceed {cfg.get('max_run_s', 0):.0f} s "
+        f"was predicted (from the previous case, × passes·L / passes'·L') to exceed {cfg.get('max_run_s', 0):.0f} s "
         f"((a): {cfg.get('max_run_s_a', 0):.0f} s), so an evenly spaced subset of the perturbations ran (passes in "
         "the note) and time and token counts were scaled linearly by passes; (f) runs exactly (a)'s subset.",
+        "",
+        f"Started {report['started']}" + (" (an interrupted run resumed: the records methods had left in the run dir "
+                                          "were kept)" if "--resume" in report["argv"] else "") + ".",
         "",
     ]
     for run in report["runs"]:
@@ -495,6 +516,8 @@ def orchestrate(args) -> int:
         print(f"model {name}: {model['parameters'] / 1e6:.1f}M parameters in {model['dir']}", flush=True)
         contexts = make_contexts(model["dir"], args.lengths, args.sentence_lengths, args.target_tokens)
         contexts_path = run_dir / "contexts.json"
+        if args.resume and contexts_path.exists() and json.loads(contexts_path.read_text()) != contexts:
+            raise SystemExit(f"--resume: {contexts_path} holds other contexts than this run's")
         contexts_path.write_text(json.dumps(contexts))
         # An explanation needs one position past its tokens (the engine generates one).
         longest = max([c["tokens"] + 1 for c in contexts["cases"]] + [int(k) + 64 for k in contexts["plain"]])
@@ -507,7 +530,7 @@ def orchestrate(args) -> int:
                   "max_model_len": args.max_model_len, "max_run_s": args.max_run_s, "max_run_s_a": args.max_run_s_a,
                   "load_at_start": psutil.getloadavg()[0], "run_dir": str(run_dir)}
         records, statuses = [], {}
-        for method in sorted(args.methods, key=METHODS.index):  # (f) needs (a)'s forks
+        for method in sorted(args.methods, key=RUN_ORDER.index):
             recs, status = run_method(method, args, run_dir, contexts_path, model, len(contexts["cases"]))
             records += recs
             statuses[method] = status

@@ -7,8 +7,8 @@ measurement to ``out_path`` as soon as it has it, so a method killed at its
 time limit still leaves what it finished.
 
 Methods whose full run is predicted to exceed ``max_run_s`` (from the
-previous length of the same granularity, scaled by (L'/L)^2) measure an
-evenly spaced subset of the perturbations and extrapolate linearly in the
+previous case, scaled by forward passes × length: a pass costs about its
+length, token units or sentence units) measure an evenly spaced subset of the perturbations and extrapolate linearly in the
 number of forward passes; the record then says ``extrapolated: true``. (a)
 and (f) get a higher threshold (``--max-run-s-a``) than the others; (f)
 measures exactly the forks (a) measured, so their ratio compares the same work.
@@ -78,19 +78,21 @@ class Sink:
 
 
 class Predictor:
-    """Predicts a full run's wall time at length L from the previous length (of one granularity)."""
+    """Predicts a full run's wall time from the previous case: time ∝ passes × length (every fork
+    of a full-pass method costs its length; AtMan's forks cost what follows their perturbation,
+    on average half of it, at token and sentence units alike)."""
 
     def __init__(self):
         self.prev: tuple[int, float] | None = None
 
-    def predict(self, length: int) -> float | None:
+    def predict(self, length: int, units: int) -> float | None:
         if self.prev is None:
             return None
-        l0, t0 = self.prev
-        return t0 * (length / l0) ** 2
+        work, t = self.prev
+        return t * (units + 1) * length / work
 
-    def record(self, length: int, wall_s: float) -> None:
-        self.prev = (length, wall_s)
+    def record(self, length: int, units: int, wall_s: float) -> None:
+        self.prev = ((units + 1) * length, wall_s)
 
 
 def subset_size(n: int, predicted: float | None, max_run_s: float, minimum: int = 24) -> int | None:
@@ -142,10 +144,9 @@ def run_atman(method: str, ctx: dict, args, sink: Sink) -> None:
     llm.explain(w["prompt"], w["target"], granularity="token")
     time.sleep(1.0)
     idle_rss = sampler.current_rss() / MIB
-    predictors: dict[str, Predictor] = {}
+    predictor = Predictor()
     for c in ctx["cases"]:
         length, gran = c["tokens"], c["granularity"]
-        predictor = predictors.setdefault(gran, Predictor())
         rec = case_record(method, c, computed_source="engine",
                           threads=f"env OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS')}, "
                                   f"VLLM_CPU_OMP_THREADS_BIND={os.environ.get('VLLM_CPU_OMP_THREADS_BIND')}")
@@ -158,7 +159,7 @@ def run_atman(method: str, ctx: dict, args, sink: Sink) -> None:
         firsts = [j.bias.first_position for j in plan.jobs[1:]]
         rec.extra["first_positions"] = firsts
         rec.extra["token_floor"] = sum(length - p for p in firsts) + length
-        k = subset_size(n, predictor.predict(length), args.max_run_s)
+        k = subset_size(n, predictor.predict(length, n), args.max_run_s)
         if k is None:
             with sampler.window() as win:
                 res = llm.explain(c["prompt"], c["target"], granularity=gran)
@@ -181,7 +182,7 @@ def run_atman(method: str, ctx: dict, args, sink: Sink) -> None:
             rec.computed_tokens = round(sum(r.computed_tokens for r in results) * scale)
             rec.cached_tokens = round(sum(r.cached_tokens for r in results) * scale)
         rec.extra["worker_cpu_s"] = worker_cpu_s(rec)
-        predictor.record(length, rec.wall_s)
+        predictor.record(length, n, rec.wall_s)
         sink.write(rec)
 
         if method == "a" and c["key"] in ctx["plain"]:
@@ -281,16 +282,18 @@ def run_reference(ctx: dict, args, sink: Sink) -> None:
     ref = ReferenceExplainer(args.model_dir)
     w = ctx["warmup"]
     ref.explain(w["prompt"], w["target"], granularity="token")
-    predictors: dict[str, Predictor] = {}
+    predictor = Predictor()
     for c in ctx["cases"]:
         length, gran = c["tokens"], c["granularity"]
-        predictor = predictors.setdefault(gran, Predictor())
         rec = case_record("c", c, computed_source="n*L", threads=_torch_threads())
+        # Eager attention holds batch × heads × L² scores a few times over: 16 forks of 2,048 tokens
+        # were killed for memory on 24 GiB (llama-32k), so the batch shrinks with L² beyond 1,024.
+        ref.batch_size = max(1, min(16, 16 * 1024 ** 2 // length ** 2))
         rec.note = f"batch_size={ref.batch_size} forks per forward"
         plan = ref.plan(ExplainRequest(c["prompt"], c["target"], make_options(granularity=gran)))
         n = len(plan.jobs) - 1
         rec.units = n
-        k = subset_size(n, predictor.predict(length), args.max_run_s, minimum=2 * ref.batch_size - 1)
+        k = subset_size(n, predictor.predict(length, n), args.max_run_s, minimum=2 * ref.batch_size - 1)
         if k is not None:  # whole batches: unperturbed + k forks = multiple of batch_size
             k = math.ceil((k + 1) / ref.batch_size) * ref.batch_size - 1
             k = None if k >= n else k
@@ -310,7 +313,7 @@ def run_reference(ctx: dict, args, sink: Sink) -> None:
             rec.wall_s, rec.cpu_s = win.wall_s * scale, win.cpu_s * scale
             rec.forward_passes = len(plan.jobs)
             rec.computed_tokens, rec.cached_tokens = len(plan.jobs) * len(plan.encoded.token_ids), 0
-        predictor.record(length, rec.wall_s)
+        predictor.record(length, n, rec.wall_s)
         sink.write(rec)
     sampler.close()
 
@@ -357,10 +360,9 @@ def _run_captum(method: str, attr, tokenizer, ctx: dict, args, sink: Sink, count
 
     w = ctx["warmup"]
     attribute(w["prompt"], w["target"], k=4)
-    predictors: dict[str, Predictor] = {}
+    predictor = Predictor()
     for c in ctx["cases"]:
         length = c["tokens"]
-        predictor = predictors.setdefault(c["granularity"], Predictor())
         n_target = len(tokenizer.encode(c["target"], add_special_tokens=False))
         inp0 = TextTokenInput(c["prompt"], tokenizer, skip_tokens=[tokenizer.bos_token_id])
         n = max(c["unit_of_feature"]) + 1  # AtMan's units of this case
@@ -368,7 +370,7 @@ def _run_captum(method: str, attr, tokenizer, ctx: dict, args, sink: Sink, count
         rec = case_record(method, dict(c, tokens=seq_len), threads=threads() if callable(threads) else threads,
                           note=note)
         rec.units = n
-        k = subset_size(n, predictor.predict(length), args.max_run_s)
+        k = subset_size(n, predictor.predict(length, n), args.max_run_s)
         counter.reset()
         before = engine_tokens() if engine_tokens else None
         with sampler.window() as win:
@@ -398,7 +400,7 @@ def _run_captum(method: str, attr, tokenizer, ctx: dict, args, sink: Sink, count
             rec.computed_tokens = round((rec.extra["engine_prompt_tokens"] - rec.extra["engine_cache_hit_tokens"])
                                         * (n + 1) / passes)
             rec.cached_tokens = round(rec.extra["engine_cache_hit_tokens"] * (n + 1) / passes)
-        predictor.record(length, rec.wall_s)
+        predictor.record(length, n, rec.wall_s)
         sink.write(rec)
 
 

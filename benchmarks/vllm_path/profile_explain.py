@@ -82,7 +82,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--length", type=int, default=512)
     p.add_argument("--variant", nargs="+", default=["chunked"], choices=["chunked", "per-row"])
-    p.add_argument("--model-dir", default="/tmp/atman-vllm-bench/llama-h512-l8")
+    p.add_argument("--model", default="llama-32k", help="a model of bench_explain.py --models")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--pin", default="0 1", help="GOMP_CPU_AFFINITY for torch's OpenMP threads ('' = unpinned)")
     p.add_argument("--no-profile", action="store_true", help="wall time only")
@@ -100,19 +100,19 @@ def main(argv=None) -> int:
 
     from bench_explain import build_model, make_contexts
 
-    build_model(args.model_dir)
-    ctx = make_contexts(args.model_dir, [args.length], 4)
+    model_dir = build_model(args.model, "/tmp/atman-vllm-bench")["dir"]
+    ctx = make_contexts(model_dir, [args.length], [], 4)
     from atman_vllm.api import AtmanLLM
     from atman_vllm.core import ExplainRequest, make_options
 
     import recompute_variants
 
-    llm = AtmanLLM(args.model_dir, enforce_eager=True, dtype="float32", block_size=32, max_model_len=1024,
+    llm = AtmanLLM(model_dir, enforce_eager=True, dtype="float32", block_size=32, max_model_len=args.length + 64,
                    kv_cache_memory_bytes=1 << 30)
     print(f"torch threads in the engine process: {torch.get_num_threads()}", flush=True)
     w = ctx["warmup"]
     llm.explain(w["prompt"], w["target"], granularity="token")
-    c = ctx["lengths"][str(args.length)]
+    c = ctx["cases"][0]
     report = {"length": args.length, "threads": torch.get_num_threads(), "variants": {}}
     ce, walls = {}, {v: [] for v in args.variant}
     plan = llm.plan(ExplainRequest(c["prompt"], c["target"], make_options(granularity="token")))
