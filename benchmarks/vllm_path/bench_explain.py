@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Speed and memory of explanations on the vLLM path (CPU), against the alternatives and the floor.
 
-    nice -n 10 .venv/bin/python benchmarks/vllm_path/bench_explain.py            # both models, ~60-70 min on 2 cores
+    nice -n 10 .venv/bin/python benchmarks/vllm_path/bench_explain.py            # both models, ~75 min on 2 cores
     nice -n 10 .venv/bin/python benchmarks/vllm_path/bench_explain.py --quick    # 128 tokens, llama-32k; writes nothing
 
 Each model of ``--models`` (default: ``llama-32k``, a random-weight Llama of
