@@ -12,7 +12,7 @@ in / works as / owns a; sentences naming the story's person or holding its
 answer removed); only documents the model answers (every target token
 greedy, at full length) are kept. Units: tokens. mAP: the harness's
 (metrics.score_example) over the context's units: a unit is positive when it
-overlaps the evidence sentence (sentence label); ``ap_answer`` in the records
+overlaps the evidence sentence (sentence label); ``ap_answer_*`` in the records
 uses the paper's label (the answer's tokens inside the evidence).
 
 Backend: AtmanLLM (vLLM with prefix caching), the demo model. The demo model
