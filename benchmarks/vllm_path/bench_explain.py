@@ -164,10 +164,10 @@ def make_contexts(model_dir: str, lengths: list[int], sentence_lengths: list[int
     tok = AutoTokenizer.from_pretrained(model_dir)
     ids = tok(" ".join(line for line in tiny_corpus() if line), add_special_tokens=False)["input_ids"]
     offset = 0
+    n_special = len(tok("a")["input_ids"]) - len(tok("a", add_special_tokens=False)["input_ids"])  # a BOS?
 
     def exact(length: int) -> dict:
         nonlocal offset
-        n_special = len(tok("a")["input_ids"]) - len(tok("a", add_special_tokens=False)["input_ids"])
         n_prompt = length - n_special - target_tokens
         for start in range(offset, offset + 200):
             prompt = tok.decode(ids[start:start + n_prompt])

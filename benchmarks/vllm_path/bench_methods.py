@@ -111,6 +111,12 @@ def evenly_spaced(items: list, k: int) -> list:
     return [items[int(i * step)] for i in range(k)]
 
 
+def _env_threads() -> str:
+    """The thread settings a vLLM engine of this process starts from."""
+    return (f"env OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS')}, "
+            f"VLLM_CPU_OMP_THREADS_BIND={os.environ.get('VLLM_CPU_OMP_THREADS_BIND')}")
+
+
 def _torch_threads() -> str:
     import torch
 
@@ -148,8 +154,7 @@ def run_atman(method: str, ctx: dict, args, sink: Sink) -> None:
     for c in ctx["cases"]:
         length, gran = c["tokens"], c["granularity"]
         rec = case_record(method, c, computed_source="engine",
-                          threads=f"env OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS')}, "
-                                  f"VLLM_CPU_OMP_THREADS_BIND={os.environ.get('VLLM_CPU_OMP_THREADS_BIND')}")
+                          threads=_env_threads())
         rec.extra["engine_start_s"] = start_s
         rec.extra["idle_rss_mib"] = idle_rss
         plan = llm.plan(ExplainRequest(c["prompt"], c["target"], make_options(granularity=gran)))
@@ -247,8 +252,7 @@ def run_floor(ctx: dict, args, sink: Sink) -> None:
         ids, firsts = c["token_ids"], a["extra"]["first_positions"]
         measured = a["extra"].get("measured_first_positions", firsts)
         rec = case_record("f", c, computed_source="engine",
-                          threads=f"env OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS')}, "
-                                  f"VLLM_CPU_OMP_THREADS_BIND={os.environ.get('VLLM_CPU_OMP_THREADS_BIND')}")
+                          threads=_env_threads())
         rec.units = len(firsts)
         llm.reset_prefix_cache()
         with sampler.window() as win:
